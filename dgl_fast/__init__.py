@@ -1,0 +1,11 @@
+"""dgl_fast: fast Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020) for PyTorch."""
+
+from . import models, ops, reference
+from ._native import build_config
+from .heads import HEAD_KINDS, AuxHead
+from .model import DecoupledModel
+from .trainer import StepOutput, Trainer
+
+__version__ = "0.1.0"
+__all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "StepOutput", "Trainer", "build_config", "models", "ops",
+           "reference", "__version__"]

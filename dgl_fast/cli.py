@@ -1,0 +1,159 @@
+"""Command line: ``python -m dgl_fast train ...`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .data import DATASETS
+from .heads import HEAD_KINDS
+from .trainer import MODES
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a network with DGL (or a baseline) and report held-out accuracy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="aux-study", help="network: aux-study, vgg11/13/16/19, resnet20/32/56/110, "
+                   "resnet18/34/50/101/152")
+    p.add_argument("--aux", default="mlp-sr", choices=HEAD_KINDS, help="auxiliary head kind")
+    p.add_argument("--mode", default="dgl", choices=[m for m in MODES if m != "async"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stages", type=int, default=None, help="number of stages K")
+    g.add_argument("--block-size", type=int, default=None, help="layers per stage (aux-study, VGG)")
+    p.add_argument("--depth", type=int, default=None, help="layers of aux-study (paper: 6)")
+    p.add_argument("--width", type=int, default=None, help="channels of the first layer")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width of the heads (default 4C)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (per stage in sequential mode)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr-step", type=int, default=15, help="multiply the lr by --lr-decay every this many epochs")
+    p.add_argument("--lr-decay", type=float, default=0.2)
+    p.add_argument("--data", default="mnist5k", choices=DATASETS, help="mnist5k and digits ship offline")
+    p.add_argument("--data-dir", default="data", help="where cifar10 / imagefolder data lives")
+    p.add_argument("--download", action="store_true", help="download cifar10 into --data-dir (needs a network)")
+    p.add_argument("--in-size", type=int, default=None, help="input size for imagefolder / synthetic")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for metrics.jsonl, summary.json, accuracy.png, checkpoint.pt")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (same model and mode)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _plot(history: list[dict], path: str, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.ticker  # noqa: PLC0415
+
+    key = "test_acc" if all("test_acc" in r for r in history) else "train_acc"
+    K = len(history[0][key])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    epochs = [r["epoch"] for r in history]
+    for j in range(K):
+        vals = [math.nan if r[key][j] is None else 100 * r[key][j] for r in history]
+        ax.plot(epochs, vals, marker="o", ms=3, label=f"stage {j + 1}" + (" (network)" if j == K - 1 else ""))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(("test" if key == "test_acc" else "train") + " accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def cmd_train(args) -> int:
+    from . import data as data_mod  # noqa: PLC0415
+    from . import models  # noqa: PLC0415
+    from .trainer import Trainer, resolve_device  # noqa: PLC0415
+
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    spec = data_mod.load(args.data, batch_size=args.batch_size, data_dir=args.data_dir, device=device,
+                         seed=args.seed, download=args.download, in_size=args.in_size)
+    model = models.build(args.model, num_classes=spec.num_classes, block_size=args.block_size, stages=args.stages,
+                         aux=args.aux, in_size=spec.in_size, in_channels=spec.in_channels, width=args.width,
+                         depth=args.depth, hidden=args.hidden)
+
+    def optimizer(params):
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    step, decay = args.lr_step, args.lr_decay
+    trainer = Trainer(model, optimizer=optimizer, mode=args.mode, device=device,
+                      lr_schedule=lambda e: decay ** (e // step))
+    if args.resume:
+        trainer.load(args.resume)
+        print(f"resumed from {args.resume} at epoch {trainer.epoch}", file=sys.stderr)
+    n_params = sum(p.numel() for p in model.stages.parameters())
+    n_aux = sum(p.numel() for p in model.heads.parameters())
+    print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device}; "
+          f"{spec.name}: {len(spec.train)} batches/epoch; trunk {n_params / 1e6:.2f}M params, heads {n_aux / 1e6:.2f}M",
+          file=sys.stderr)
+
+    out = args.out
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    def on_epoch(record: dict) -> None:
+        acc = record.get("test_acc") or record["train_acc"]
+        shown = " ".join(f"{100 * a:.2f}" if a is not None else "-" for a in acc)
+        stage = f" (stage {record['stage']})" if record["stage"] else ""
+        print(f"epoch {record['epoch']}{stage}: lr {record['lr']:.4g}, {record['images_per_s']:.0f} img/s, "
+              f"{'test' if 'test_acc' in record else 'train'} accuracy per stage (%): {shown}", file=sys.stderr)
+        if out:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            trainer.save(os.path.join(out, "checkpoint.pt"))
+            _plot(trainer.history, os.path.join(out, "accuracy.png"), f"{args.model} K={model.num_stages} "
+                  f"{args.mode} ({args.aux}) on {spec.name}")
+
+    start = time.perf_counter()
+    trainer.fit(spec.train, epochs=args.epochs, eval_loader=spec.test, progress=not args.no_progress,
+                callback=on_epoch)
+    final = trainer.evaluate(spec.test)
+    summary = {
+        "model": args.model, "mode": args.mode, "aux": args.aux, "stages": model.num_stages, "data": spec.name,
+        "epochs_done": trainer.epoch, "test_acc_per_stage": final, "test_acc": final[-1],
+        "train_time_s": time.perf_counter() - start, "device": str(device), "torch": torch.__version__,
+    }
+    if out:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    print(f"held-out accuracy ({spec.name}, {len(spec.test.y) if hasattr(spec.test, 'y') else '?'} images): "
+          f"{100 * final[-1]:.2f}%  (per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dgl_fast`` and the ``dgl-fast`` script."""
+    parser = argparse.ArgumentParser(prog="python -m dgl_fast", description="dgl_fast: fast Decoupled Greedy Learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    sub.add_parser("info", help="print what was compiled (build_config) and the devices seen")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            return cmd_train(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "info":
+        from ._native import build_config  # noqa: PLC0415
+
+        print(json.dumps(build_config(), indent=1))
+        return 0
+    return 2

@@ -1,0 +1,73 @@
+"""Small models and plain-PyTorch training loops the tests compare against."""
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dgl_fast
+
+
+def small_model(K: int, seed: int = 0, in_ch: int = 3, size: int = 9, classes: int = 5, aux: str = "mlp"):
+    """K conv+BN+ReLU stages on odd-sized inputs, AuxHeads on each."""
+    torch.manual_seed(seed)
+    stages, heads, c = [], [], in_ch
+    s = size
+    for j in range(K):
+        cout = 4 + 2 * j
+        stride = 2 if j % 2 == 1 else 1
+        stages.append(nn.Sequential(nn.Conv2d(c, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU()))
+        s = (s + 2 - 3) // stride + 1
+        kind = "last" if j == K - 1 else aux
+        heads.append(dgl_fast.AuxHead(cout, s, classes, kind=kind, hidden=12))
+        c = cout
+    return dgl_fast.DecoupledModel(stages, heads, input_shape=(in_ch, size, size))
+
+
+def batches(n: int, B: int = 6, in_ch: int = 3, size: int = 9, classes: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, in_ch, size, size, generator=g), torch.randint(0, classes, (B,), generator=g))
+            for _ in range(n)]
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def plain_dgl(model, data, opt_factory=sgd):
+    """The DGL loop of PAPER.md section 1, written with nothing from dgl_fast but the model."""
+    model = copy.deepcopy(model)
+    model.train()
+    opts = [opt_factory(list(s.parameters()) + list(h.parameters())) for s, h in zip(model.stages, model.heads)]
+    for x, y in data:
+        h = x
+        for stage, head, opt in zip(model.stages, model.heads, opts):
+            h = stage(h.detach())
+            loss = F.cross_entropy(head.to_reference()(h), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+def plain_backprop(model, data, opt_factory=sgd):
+    model = copy.deepcopy(model)
+    model.train()
+    params = [p for s in model.stages for p in s.parameters()] + list(model.heads[-1].parameters())
+    opt = opt_factory(params)
+    for x, y in data:
+        h = x
+        for stage in model.stages:
+            h = stage(h)
+        F.cross_entropy(model.heads[-1].to_reference()(h), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def assert_same_state(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,0 +1,105 @@
+"""The reference trainer reproduces plain PyTorch DGL / backprop loops; sequential greedy freezes."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import dgl_fast
+from helpers import assert_same_state, batches, plain_backprop, plain_dgl, sgd, small_model
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_dgl_equals_plain_loop(K):
+    model = small_model(K, seed=K)
+    data = batches(5)
+    expected = plain_dgl(model, data)
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, mode="dgl")
+    for x, y in data:
+        out = trainer.step(x, y)
+    assert out.losses.shape == (K,) and out.correct.shape == (K,)
+    assert torch.isfinite(out.losses).all()
+    assert_same_state(trainer.model, expected)
+    # and the run really trained something
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), model.parameters()))
+
+
+def test_dgl_equals_plain_loop_with_noncontiguous_input():
+    model = small_model(2, seed=3)
+    data = [(x.transpose(2, 3).contiguous().transpose(2, 3), y) for x, y in batches(3)]
+    assert not data[0][0].is_contiguous()
+    expected = plain_dgl(model, data)
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd)
+    for x, y in data:
+        trainer.step(x, y)
+    assert_same_state(trainer.model, expected)
+
+
+def test_step_losses_match_heads():
+    model = small_model(3, seed=5)
+    x, y = batches(1)[0]
+    ref = copy.deepcopy(model).train()
+    trainer = dgl_fast.Trainer(model, optimizer=sgd)
+    out = trainer.step(x, y)
+    h = x
+    for j in range(3):
+        h = ref.stages[j](h)
+        logits = ref.heads[j](h)
+        torch.testing.assert_close(out.losses[j], torch.nn.functional.cross_entropy(logits, y), rtol=1e-5, atol=1e-6)
+        assert int(out.correct[j]) == int((logits.argmax(1) == y).sum())
+
+
+def test_backprop_equals_plain_loop():
+    model = small_model(3, seed=7)
+    data = batches(4)
+    expected = plain_backprop(model, data)
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, mode="backprop")
+    for x, y in data:
+        out = trainer.step(x, y)
+    assert_same_state(trainer.model, expected)
+    assert math.isnan(out.losses[0]) and not math.isnan(out.losses[-1])
+
+
+def test_sequential_freezes_earlier_stages():
+    model = small_model(3, seed=9)
+    data = batches(3)
+    trainer = dgl_fast.Trainer(model, optimizer=sgd, mode="sequential")
+    for x, y in data:
+        trainer.step(x, y)
+    stage0 = copy.deepcopy(trainer.model.stages[0].state_dict())
+    head0 = copy.deepcopy(trainer.model.heads[0].state_dict())
+    stage2_before = copy.deepcopy(trainer.model.stages[2].state_dict())
+    trainer.active_stage = 1
+    for x, y in batches(3, seed=11):
+        out = trainer.step(x, y)
+    for k, v in trainer.model.stages[0].state_dict().items():  # includes BN running stats
+        assert torch.equal(v, stage0[k]), k
+    for k, v in trainer.model.heads[0].state_dict().items():
+        assert torch.equal(v, head0[k]), k
+    for k, v in trainer.model.stages[2].state_dict().items():
+        assert torch.equal(v, stage2_before[k]), k
+    assert math.isnan(out.losses[0]) and not math.isnan(out.losses[1]) and math.isnan(out.losses[2])
+
+
+def test_sequential_fit_walks_stages_and_schedule():
+    model = small_model(2, seed=2)
+    loader = batches(2)
+    trainer = dgl_fast.Trainer(model, optimizer=sgd, mode="sequential")
+    records = trainer.fit(loader, epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    assert [r["stage"] for r in records] == [1, 1, 2, 2]
+    assert [r["lr"] for r in records] == pytest.approx([0.05, 0.025, 0.05, 0.025])
+    assert records[0]["train_loss"][1] is None and records[-1]["train_loss"][0] is None
+
+
+def test_fit_evaluate_learns_a_learnable_task():
+    from dgl_fast import data
+
+    spec = data.load("synthetic", batch_size=32, in_size=8, num_classes=3, synthetic_size=512, seed=0)
+    model = dgl_fast.models.build("aux-study", num_classes=3, depth=2, width=8, in_size=8, aux="mlp")
+    trainer = dgl_fast.Trainer(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    before = trainer.evaluate(spec.test)
+    trainer.fit(spec.train, epochs=4, eval_loader=spec.test, progress=False)
+    after = trainer.evaluate(spec.test)
+    assert len(after) == 2 and len(trainer.history) == 4
+    assert after[-1] > max(before[-1], 1 / 3) + 0.1
