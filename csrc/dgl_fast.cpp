@@ -13,4 +13,21 @@ TORCH_LIBRARY(dgl_fast, m) {
   //      dlogits [B, C] = (softmax(logits) - onehot(labels)) / B in the dtype of logits,
   //      correct [] int64 = #{i : argmax(logits[i]) == labels[i]}
   m.def("softmax_xent(Tensor logits, Tensor labels) -> (Tensor loss, Tensor dlogits, Tensor correct)");
+
+  // Ring replay buffer of M mini-batches (PAPER.md section 5). All ring state is int64 tensors on
+  // the buffer's device, so neither op synchronises the host and both can be captured in a graph.
+  //   storage [M, *batch_shape], label_store [M, B] int64,
+  //   state [4] int64 = {head (next slot written), count (filled slots), pushes, samples},
+  //   uses [M] int64 (times each slot was sampled), stamps [M] int64 (push number that wrote it).
+  // Push: writes x (converted to storage's dtype) and y at `head`, resets that slot's use count,
+  // advances head = (head + 1) % M.
+  m.def("replay_push(Tensor(a!) storage, Tensor(b!) label_store, Tensor(c!) state, Tensor(d!) uses, "
+        "Tensor(e!) stamps, Tensor x, Tensor y) -> ()");
+  // Sample: picks a filled slot by `policy` (0 priority_lifo: fewest uses, then newest; 1 fifo:
+  // fewest uses, then oldest; 2 uniform: a random slot, from a counter-based hash of (seed,
+  // samples)), skipping slots used `max_reuse` times (max_reuse <= 0: no limit), increments its
+  // use count and gathers it into out / out_labels. info [2] int64 = {slot or -1, 1 if a sample
+  // was taken else 0}; with nothing available, out and out_labels are left as they were.
+  m.def("replay_sample(Tensor(a!) state, Tensor(b!) uses, Tensor stamps, Tensor storage, Tensor label_store, "
+        "Tensor(c!) out, Tensor(d!) out_labels, Tensor(e!) info, int policy, int max_reuse, int seed) -> ()");
 }

@@ -2,10 +2,11 @@
 
 from . import models, ops, reference
 from ._native import build_config
+from .buffer import ReplayBuffer, Sample
 from .heads import HEAD_KINDS, AuxHead
 from .model import DecoupledModel
 from .trainer import StepOutput, Trainer
 
 __version__ = "0.1.0"
-__all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "StepOutput", "Trainer", "build_config", "models", "ops",
-           "reference", "__version__"]
+__all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer", "build_config",
+           "models", "ops", "reference", "__version__"]

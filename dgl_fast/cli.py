@@ -22,7 +22,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--model", default="aux-study", help="network: aux-study, vgg11/13/16/19, resnet20/32/56/110, "
                    "resnet18/34/50/101/152")
     p.add_argument("--aux", default="mlp-sr", choices=HEAD_KINDS, help="auxiliary head kind")
-    p.add_argument("--mode", default="dgl", choices=[m for m in MODES if m != "async"])
+    p.add_argument("--mode", default="dgl", choices=MODES)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--stages", type=int, default=None, help="number of stages K")
     g.add_argument("--block-size", type=int, default=None, help="layers per stage (aux-study, VGG)")
@@ -45,6 +45,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.jsonl, summary.json, accuracy.png, checkpoint.pt")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (same model and mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.add_argument_group("asynchronous DGL (--mode async)")
+    a.add_argument("--buffer-capacity", type=int, default=30, help="mini-batches per replay buffer (M)")
+    a.add_argument("--policy", default="priority_lifo", choices=["priority_lifo", "fifo", "uniform"])
+    a.add_argument("--max-reuse", type=int, default=None, help="times a buffered batch may be sampled")
+    a.add_argument("--slowdown", action="append", default=[], metavar="STAGE:NOISE",
+                   help="slow stage STAGE (from 1): drawn with weight 1-NOISE; repeatable (paper: 3:0.1)")
+    a.add_argument("--schedule", default="random", choices=["random", "round_robin"])
+    a.add_argument("--buffer-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the buffers")
 
 
 def _plot(history: list[dict], path: str, title: str) -> None:
@@ -90,9 +99,18 @@ def cmd_train(args) -> int:
     def optimizer(params):
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
+    slowdown = {}
+    for item in args.slowdown:
+        try:
+            stage, noise = item.split(":")
+            slowdown[int(stage)] = float(noise)
+        except ValueError as exc:
+            raise ValueError(f"--slowdown expects STAGE:NOISE such as 3:0.1, got {item!r}") from exc
     step, decay = args.lr_step, args.lr_decay
     trainer = Trainer(model, optimizer=optimizer, mode=args.mode, device=device,
-                      lr_schedule=lambda e: decay ** (e // step))
+                      lr_schedule=lambda e: decay ** (e // step), buffer_capacity=args.buffer_capacity,
+                      policy=args.policy, max_reuse=args.max_reuse, slowdown=slowdown, schedule=args.schedule,
+                      buffer_dtype=getattr(torch, args.buffer_dtype) if args.buffer_dtype else None, seed=args.seed)
     if args.resume:
         trainer.load(args.resume)
         print(f"resumed from {args.resume} at epoch {trainer.epoch}", file=sys.stderr)

@@ -19,3 +19,33 @@ def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     grad = (torch.softmax(x, dim=1) - F.one_hot(labels, logits.shape[1]).to(acc)) / logits.shape[0]
     correct = (logits.argmax(dim=1) == labels).sum()
     return loss, grad.to(logits.dtype), correct
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def replay_hash(seed: int, counter: int) -> int:
+    """splitmix64 of (seed, counter): the draw of the ``uniform`` replay policy (as in the kernels)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (counter + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def replay_select(uses: list[int], stamps: list[int], count: int, policy: str, max_reuse: int | None,
+                  seed: int = 0, sample_index: int = 0) -> int:
+    """Reference of the replay buffer's slot choice; -1 when nothing is available.
+
+    Filled slots are ``0 .. count-1``. A slot used ``max_reuse`` times is skipped.
+    ``priority_lifo``: the fewest uses, then the newest (largest stamp). ``fifo``: the fewest
+    uses, then the oldest. ``uniform``: the ``replay_hash(seed, sample_index) % n``-th available slot.
+    """
+    avail = [s for s in range(count) if max_reuse is None or max_reuse <= 0 or uses[s] < max_reuse]
+    if not avail:
+        return -1
+    if policy == "uniform":
+        return avail[replay_hash(seed & _MASK64, sample_index) % len(avail)]
+    least = min(uses[s] for s in avail)
+    ties = [s for s in avail if uses[s] == least]
+    pick = max if policy == "priority_lifo" else min
+    return pick(ties, key=lambda s: stamps[s])

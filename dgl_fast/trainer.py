@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .buffer import ReplayBuffer
 from .heads import AuxHead
 from .model import DecoupledModel
 
-__all__ = ["Trainer", "StepOutput", "MODES", "resolve_device", "default_optimizer"]
+__all__ = ["Trainer", "StepOutput", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
 MODES = ("dgl", "sequential", "backprop", "async")
+SCHEDULES = ("random", "round_robin")
 _STATE_VERSION = 1
 
 
@@ -34,14 +36,16 @@ class StepOutput:
 
     Attributes:
         losses: [K] float32 mean loss of each stage's head; NaN for stages not trained this step.
-        correct: [K] int64 number of correct predictions of each head on this batch (0 where the
-            head was not run).
-        batch_size: number of samples in the batch.
+        correct: [K] int64 number of correct predictions of each head (0 where not run).
+        batch_size: number of samples in the fresh batch.
+        samples: samples each stage trained on in this step (host ints; in ``async`` mode a stage
+            may run several times, or not at all, per fresh batch).
     """
 
     losses: torch.Tensor
     correct: torch.Tensor
     batch_size: int
+    samples: tuple[int, ...] = ()
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -81,24 +85,56 @@ class Trainer:
             last head). Default: :func:`default_optimizer` (the paper's SGD).
         mode: ``"dgl"`` (synchronous DGL), ``"sequential"`` (sequential greedy: stage 1 for all
             epochs, then frozen with BatchNorm in eval mode, then stage 2, ...), ``"backprop"``
-            (end-to-end, the last head's loss only). ``"async"`` is reserved for the replay buffer.
+            (end-to-end, the last head's loss only), ``"async"`` (asynchronous DGL with a
+            :class:`~dgl_fast.ReplayBuffer` between stages, simulated as in the authors' code).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         lr_schedule: optional ``epoch -> factor``; each epoch's learning rate is the optimizer's
-            initial one times the factor (epochs count per stage in sequential mode).
+            initial one times the factor (epochs count per stage in sequential and async modes).
+        buffer_capacity, policy, max_reuse, buffer_dtype: the replay buffers of ``async`` mode
+            (see :class:`~dgl_fast.ReplayBuffer`; ``buffer_dtype`` is the storage dtype).
+        slowdown: ``{stage: noise}`` (stages numbered from 1): in ``async`` mode with the
+            ``random`` schedule each tick draws one stage with weight ``1 - noise`` for slowed
+            stages and 1 for the others (slowdown factor ``1 / (1 - noise)``).
+        schedule: ``"random"`` (the authors' simulation: buffers are first filled in stage order,
+            then stages are drawn at random) or ``"round_robin"`` (stages 1..K in turn, one round
+            per fresh batch; with ``buffer_capacity=1`` and ``policy="fifo"`` this is exactly
+            synchronous DGL).
+        seed: seed of the async schedule's draws and of the ``uniform`` policy.
+
+    In ``async`` mode one :meth:`step` feeds one fresh batch: it runs scheduled stage ticks until
+    stage 1 has consumed it. With ``max_reuse`` set, a stage finding its buffer used up skips
+    its tick; telling so reads one flag from the device (the reference trainer's only host sync).
 
     Metrics stay on the device: :meth:`step` returns tensors and :meth:`fit` reads them only
     every ``log_every`` steps and at the end of each epoch.
     """
 
     def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, mode: str = "dgl",
-                 device="cpu", lr_schedule: Callable[[int], float] | None = None):
+                 device="cpu", lr_schedule: Callable[[int], float] | None = None, *, buffer_capacity: int = 30,
+                 policy: str = "priority_lifo", max_reuse: int | None = None, slowdown: dict | None = None,
+                 schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0):
         if not isinstance(model, DecoupledModel):
             raise TypeError(f"Trainer expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        K = model.num_stages
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        slowdown = dict(slowdown or {})
+        for stage, noise in slowdown.items():
+            if not isinstance(stage, int) or not 1 <= stage <= K:
+                raise ValueError(f"slowdown keys are stage numbers 1..{K}, got {stage!r}")
+            if not 0 <= float(noise) < 1:
+                raise ValueError(f"slowdown noise must be in [0, 1), got {noise!r} for stage {stage}")
         if mode == "async":
-            raise NotImplementedError("mode='async' (asynchronous DGL with a replay buffer) is not available yet; "
-                                      "use 'dgl', 'sequential' or 'backprop'")
+            from .ops import REPLAY_POLICIES  # noqa: PLC0415
+
+            if not isinstance(buffer_capacity, int) or buffer_capacity < 1:
+                raise ValueError(f"buffer_capacity must be an int >= 1, got {buffer_capacity!r}")
+            if policy not in REPLAY_POLICIES:
+                raise ValueError(f"unknown replay policy {policy!r}; expected one of {', '.join(REPLAY_POLICIES)}")
+            if max_reuse is not None and (not isinstance(max_reuse, int) or max_reuse < 1):
+                raise ValueError(f"max_reuse must be None or an int >= 1, got {max_reuse!r}")
         if optimizer is not None and not callable(optimizer):
             raise TypeError("optimizer must be a factory: a callable taking parameters and returning an optimizer")
         if lr_schedule is not None and not callable(lr_schedule):
@@ -108,7 +144,6 @@ class Trainer:
         self.model = model.to(self.device)
         self.lr_schedule = lr_schedule
         factory = optimizer or default_optimizer
-        K = model.num_stages
         if mode == "backprop":
             params = [p for s in model.stages for p in s.parameters()] + list(model.heads[-1].parameters())
             self.optimizers = [factory(params)]
@@ -123,11 +158,24 @@ class Trainer:
         self.global_step = 0
         self.active_stage = 0  # the stage being trained in sequential mode
         self.history: list[dict] = []
+        self.buffer_capacity, self.policy, self.max_reuse = buffer_capacity, policy, max_reuse
+        self.buffer_dtype, self.schedule, self.seed = buffer_dtype, schedule, int(seed)
+        self.slowdown = {j - 1: float(v) for j, v in slowdown.items()}
+        self.stage_steps = [0] * K  # times each stage trained (async mode counts per stage)
+        self.buffers: list[ReplayBuffer] | None = None
+        self._warm = 0  # async/random: buffers filled so far, in stage order
+        self._schedule_rng = torch.Generator().manual_seed(self.seed)
+        self._weights = torch.tensor([1.0 - self.slowdown.get(j, 0.0) for j in range(K)], dtype=torch.float64)
+        self._stage_schedule: Callable[[int], float] | None = None
+        self._stage_epoch = [-1] * K
+        self._batches_per_epoch: int | None = None
         self._has_bn = _has_batchnorm(model)
         self._input_shape = model.input_shape
         self._num_classes = None
+        self._stage_shapes = None
         if self._input_shape is not None:
-            self._num_classes = model.check_shapes(self._input_shape)[-1][1]
+            self._stage_shapes = model.check_shapes(self._input_shape)
+            self._num_classes = self._stage_shapes[-1][1]
 
     # ------------------------------------------------------------------ inputs
 
@@ -141,12 +189,15 @@ class Trainer:
             raise ValueError(f"expected a non-empty batch, got input of shape {list(x.shape)} (batch size 0)")
         B = x.shape[0]
         if self._input_shape is None:
-            shapes = self.model.check_shapes(tuple(x.shape[1:]))
-            self._input_shape, self._num_classes = tuple(x.shape[1:]), shapes[-1][1]
+            self._stage_shapes = self.model.check_shapes(tuple(x.shape[1:]))
+            self._input_shape, self._num_classes = tuple(x.shape[1:]), self._stage_shapes[-1][1]
         if tuple(x.shape[1:]) != self._input_shape:
             raise ValueError(f"expected input of shape [B, {', '.join(map(str, self._input_shape))}], got {list(x.shape)}")
         if B < 2 and self._has_bn:
             raise ValueError("batch size 1 cannot train BatchNorm layers; expected at least 2 samples per batch")
+        if self.buffers and B != self.buffers[0].batch_shape[0]:
+            raise ValueError(f"async mode keeps a fixed batch size: expected batches of {self.buffers[0].batch_shape[0]}, "
+                             f"got {B}")
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"expected integer class labels, got dtype {y.dtype}")
         if y.shape != (B,):
@@ -182,6 +233,8 @@ class Trainer:
         mode, the whole network in ``backprop`` mode. Inputs are checked before anything changes."""
         x, y = self._check_batch(x, y)
         self._set_train_modes()
+        if self.mode == "async":
+            return self._step_async(x, y)
         K = self.model.num_stages
         nan = torch.full((), math.nan, device=self.device)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
@@ -218,7 +271,86 @@ class Trainer:
             self.optimizers[0].zero_grad(set_to_none=True)
             losses[K - 1], correct[K - 1] = loss.detach(), corr
         self.global_step += 1
-        return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), x.shape[0])
+        B = x.shape[0]
+        if self.mode == "dgl":
+            samples = (B,) * K
+        else:
+            trained = self.active_stage if self.mode == "sequential" else K - 1
+            samples = tuple(B if j == trained else 0 for j in range(K))
+        for j, n in enumerate(samples):
+            self.stage_steps[j] += n > 0
+        return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), B, samples)
+
+    # ------------------------------------------------------------------ async DGL
+
+    def _make_buffers(self, B: int) -> None:
+        K = self.model.num_stages
+        dtype = next(self.model.parameters()).dtype
+        self.buffers = [ReplayBuffer(self.buffer_capacity, (B, *self._stage_shapes[j][0]), dtype=dtype, device=self.device,
+                                     policy=self.policy, max_reuse=self.max_reuse, storage_dtype=self.buffer_dtype,
+                                     seed=self.seed + j) for j in range(K - 1)]
+
+    def _run_stage(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        """One training step of stage j (async mode): on (x, y) for stage 1, else on a sample of
+        buffer j-1; pushes its output to buffer j. Returns (loss, correct, samples) or None."""
+        if j > 0:
+            sample = self.buffers[j - 1].sample()
+            if self.max_reuse is not None and not bool(sample.valid):
+                return None  # every slot used up: this stage skips its turn
+            x, y = sample
+        if self._stage_schedule is not None and self._batches_per_epoch:
+            epoch = self.stage_steps[j] // self._batches_per_epoch
+            if epoch != self._stage_epoch[j]:
+                self._stage_epoch[j] = epoch
+                for group in self.optimizers[j].param_groups:
+                    group["lr"] = group["initial_lr"] * float(self._stage_schedule(epoch))
+        h = self.model.stages[j](x)
+        loss, corr = self._head_loss(j, h, y)
+        loss.backward()
+        self.optimizers[j].step()
+        self.optimizers[j].zero_grad(set_to_none=True)
+        if j < self.model.num_stages - 1:
+            self.buffers[j].push(h.detach(), y)
+        self.stage_steps[j] += 1
+        return loss.detach(), corr, x.shape[0]
+
+    def _step_async(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        K = self.model.num_stages
+        if self.buffers is None:
+            self._make_buffers(x.shape[0])
+        runs: list[list] = [[] for _ in range(K)]
+
+        def tick(j, *batch):
+            r = self._run_stage(j, *batch)
+            if r is not None:
+                runs[j].append(r)
+
+        if self.schedule == "round_robin":
+            tick(0, x, y)
+            for j in range(1, K):
+                tick(j)
+        elif self._warm < K - 1:
+            # warm-up: fill the buffers in stage order (stage 1 from fresh batches, stage j from buffer j-1)
+            tick(0, x, y)
+            while self._warm < K - 1 and len(self.buffers[self._warm]) == self.buffer_capacity:
+                self._warm += 1
+                if self._warm < K - 1:
+                    for _ in range(self.buffer_capacity):
+                        tick(self._warm)
+        else:
+            while True:
+                j = int(torch.multinomial(self._weights, 1, generator=self._schedule_rng))
+                if j == 0:
+                    tick(0, x, y)
+                    break
+                tick(j)
+        nan = torch.full((), math.nan, device=self.device)
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        losses = [torch.stack([r[0] for r in rs]).mean() if rs else nan for rs in runs]
+        correct = [torch.stack([r[1] for r in rs]).sum() if rs else zero for rs in runs]
+        samples = tuple(sum(r[2] for r in rs) for rs in runs)
+        self.global_step += 1
+        return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), x.shape[0], samples)
 
     def set_lr_factor(self, factor: float) -> None:
         """Set every optimizer's learning rate to its initial value times ``factor``."""
@@ -249,35 +381,49 @@ class Trainer:
             else:
                 local_epoch = self.epoch
             factor = float(schedule(local_epoch))
-            self.set_lr_factor(factor)
+            if self.mode == "async":
+                self._stage_schedule = schedule
+                if self._batches_per_epoch is None and hasattr(train_loader, "__len__"):
+                    self._batches_per_epoch = max(1, len(train_loader))
+            else:
+                self.set_lr_factor(factor)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(self.epoch)
             loss_sum = torch.zeros(K, device=self.device)
             hits = torch.zeros(K, dtype=torch.long, device=self.device)
-            seen = 0
+            seen, per_stage = 0, [0] * K
+            batch_size = None
             start = time.perf_counter()
             desc = f"epoch {self.epoch + 1}/{total}" + (f" stage {self.active_stage + 1}" if self.mode == "sequential" else "")
             bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
             for i, (x, y) in enumerate(bar):
+                if self.mode == "async":
+                    batch_size = batch_size or x.shape[0]
+                    if x.shape[0] != batch_size:
+                        continue  # async buffers hold fixed-size batches: a final partial batch is skipped
                 out = self.step(x, y)
-                loss_sum += out.losses * out.batch_size
+                weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
+                loss_sum += torch.nan_to_num(out.losses) * weights
                 hits += out.correct
                 seen += out.batch_size
+                per_stage = [a + b for a, b in zip(per_stage, out.samples)]
                 if progress and (i + 1) % log_every == 0:
-                    ls, acc = (loss_sum / seen).tolist(), (hits.double() / seen).tolist()
-                    bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j]:.3f}/{100 * acc[j]:.1f}%"
-                                                 for j in range(K) if not math.isnan(ls[j])))
+                    ls, hs = loss_sum.tolist(), hits.tolist()
+                    bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / per_stage[j]:.3f}/{100 * hs[j] / per_stage[j]:.1f}%"
+                                                 for j in range(K) if per_stage[j]))
             bar.close()
             if seen == 0:
                 raise ValueError("the training loader yielded no batch")
             elapsed = time.perf_counter() - start
-            losses = [None if math.isnan(v) else v for v in (loss_sum / seen).tolist()]
+            ls, hs = loss_sum.tolist(), hits.tolist()
+            losses = [ls[j] / per_stage[j] if per_stage[j] else None for j in range(K)]
             record = {
                 "epoch": self.epoch + 1,
                 "stage": self.active_stage + 1 if self.mode == "sequential" else None,
                 "lr": [g["lr"] for g in self.optimizers[min(self.active_stage, len(self.optimizers) - 1)].param_groups][0],
                 "train_loss": losses,
-                "train_acc": [None if losses[j] is None else v for j, v in enumerate((hits.double() / seen).tolist())],
+                "train_acc": [hs[j] / per_stage[j] if per_stage[j] else None for j in range(K)],
+                "stage_samples": per_stage,
                 "time_s": elapsed,
                 "images_per_s": seen / elapsed if elapsed > 0 else None,
             }
@@ -334,6 +480,8 @@ class Trainer:
             "active_stage": self.active_stage,
             "history": self.history,
             "rng": rng,
+            "stage_steps": list(self.stage_steps),
+            "schedule_rng": self._schedule_rng.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -349,6 +497,11 @@ class Trainer:
             opt.load_state_dict(s)
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
+        self.stage_steps = list(state.get("stage_steps", self.stage_steps))
+        if "schedule_rng" in state:
+            self._schedule_rng.set_state(state["schedule_rng"])
+        # async buffers are not checkpointed: they are refilled (warm-up) after a resume
+        self.buffers, self._warm, self._stage_epoch = None, 0, [-1] * self.model.num_stages
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))

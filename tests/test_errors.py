@@ -90,11 +90,19 @@ def test_bad_device(device, match):
         dgl_fast.Trainer(small_model(1), device=device)
 
 
-def test_unknown_mode_and_reserved_async():
+def test_unknown_mode_and_bad_async_options():
     with pytest.raises(ValueError, match="unknown mode 'greedy'; expected one of dgl, sequential, backprop, async"):
         dgl_fast.Trainer(small_model(1), mode="greedy")
-    with pytest.raises(NotImplementedError, match="mode='async'"):
-        dgl_fast.Trainer(small_model(1), mode="async")
+    with pytest.raises(ValueError, match="buffer_capacity must be an int >= 1, got 0"):
+        dgl_fast.Trainer(small_model(2), mode="async", buffer_capacity=0)
+    with pytest.raises(ValueError, match="unknown replay policy 'lru'"):
+        dgl_fast.Trainer(small_model(2), mode="async", policy="lru")
+    with pytest.raises(ValueError, match=r"slowdown keys are stage numbers 1..2, got 3"):
+        dgl_fast.Trainer(small_model(2), mode="async", slowdown={3: 0.1})
+    with pytest.raises(ValueError, match=r"slowdown noise must be in \[0, 1\), got 1.0 for stage 1"):
+        dgl_fast.Trainer(small_model(2), mode="async", slowdown={1: 1.0})
+    with pytest.raises(ValueError, match="unknown schedule 'lockstep'"):
+        dgl_fast.Trainer(small_model(2), mode="async", schedule="lockstep")
 
 
 def test_not_a_model_and_bad_factory():

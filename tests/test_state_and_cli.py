@@ -90,3 +90,14 @@ def test_cli_errors_are_clear(capsys):
 def test_python_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "dgl_fast", "info"], capture_output=True, text=True, check=True)
     assert json.loads(res.stdout)["torch"] == torch.__version__
+
+
+def test_cli_async_mode(tmp_path):
+    out = tmp_path / "async"
+    args = ["train", "--data", "synthetic", "--in-size", "8", "--model", "aux-study", "--depth", "3", "--width", "8",
+            "--aux", "mlp", "--epochs", "1", "--batch-size", "64", "--mode", "async", "--buffer-capacity", "3",
+            "--slowdown", "2:0.1", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(n > 0 for n in rec["stage_samples"])
+    assert cli.main(args[:-3] + ["--slowdown", "two", "--no-progress"]) == 2

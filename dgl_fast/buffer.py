@@ -1,0 +1,192 @@
+"""ReplayBuffer: a ring of mini-batches (activations and labels) between two DGL stages.
+
+Asynchronous DGL (PAPER.md section 5) lets stage j train on activations stage j-1 produced
+earlier: stage j-1 pushes, stage j samples. The ring lives on the buffer's device and its state
+(head, fill count, use counts, the chosen slot) in device tensors, so push and sample never
+synchronise the host and can be captured in a CUDA graph (``torch.ops.dgl_fast.replay_push`` /
+``replay_sample``).
+
+Policies (``policy=``):
+
+- ``"priority_lifo"`` (the authors'): among filled slots, those sampled the fewest times; among
+  them, the most recently written.
+- ``"fifo"``: the fewest uses, then the oldest (with ``max_reuse=1``, a queue).
+- ``"uniform"``: a random available slot, drawn on the device from a counter-based hash of
+  ``seed`` and the number of samples taken (reproducible, identical on CPU and CUDA).
+
+``max_reuse=R``: a slot can be sampled R times; when every slot is used up, :meth:`sample`
+reports nothing available (``sample.valid`` is False, a device tensor). Two quirks of the
+authors' code are *not* copied: there a fresh slot starts with use count 1 (so their R allows
+R-1 uses) and, once the ring is full, their tie-break ranks the oldest slot as the freshest.
+
+Cross-stream use: every push and sample first makes the current stream wait for the buffer's
+previous operation (a CUDA event the buffer owns) and then records a new one, so a producer on
+one stream and a consumer on another never see a half-written slot. The tensors returned by
+:meth:`sample` are fresh and owned by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import ops
+
+__all__ = ["ReplayBuffer", "Sample"]
+
+
+class Sample(tuple):
+    """``(h, y)`` from :meth:`ReplayBuffer.sample`, plus ``valid`` (bool device tensor: a slot was
+    available) and ``slot`` (int64 device tensor, -1 when none). Unpacks as ``h, y = sample``."""
+
+    valid: torch.Tensor
+    slot: torch.Tensor
+
+    def __new__(cls, h: torch.Tensor, y: torch.Tensor, info: torch.Tensor):
+        self = super().__new__(cls, (h, y))
+        self.slot = info[0]
+        self.valid = info[1].bool()
+        return self
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class ReplayBuffer:
+    """A GPU- (or CPU-) resident ring of ``capacity`` mini-batches and their labels.
+
+    Args:
+        capacity: M, the number of mini-batches held.
+        batch_shape: shape of one pushed mini-batch of activations, batch first (``(B, C, H, W)``).
+        dtype: dtype of pushed and sampled activations.
+        device: where the ring lives.
+        policy: ``"priority_lifo"``, ``"fifo"`` or ``"uniform"`` (see the module docstring).
+        max_reuse: times a slot may be sampled (None: unlimited).
+        storage_dtype: dtype the ring stores (e.g. ``torch.bfloat16`` halves memory); default ``dtype``.
+        seed: seed of the ``uniform`` policy's draws.
+
+    The memory it needs (:attr:`nbytes`) is checked against what the device has free before
+    anything is allocated.
+    """
+
+    def __init__(self, capacity: int, batch_shape, dtype: torch.dtype = torch.float32, device="cpu",
+                 policy: str = "priority_lifo", max_reuse: int | None = None, storage_dtype: torch.dtype | None = None,
+                 seed: int = 0):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"ReplayBuffer capacity must be an int >= 1, got {capacity!r}")
+        batch_shape = tuple(batch_shape)
+        if len(batch_shape) < 1 or not all(isinstance(s, int) and s >= 1 for s in batch_shape):
+            raise ValueError(f"batch_shape must be positive ints, batch first, got {batch_shape!r}")
+        storage_dtype = storage_dtype or dtype
+        for name, dt in (("dtype", dtype), ("storage_dtype", storage_dtype)):
+            if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+                raise ValueError(f"ReplayBuffer {name} must be a floating-point torch.dtype, got {dt!r}")
+        if policy not in ops.REPLAY_POLICIES:
+            raise ValueError(f"unknown replay policy {policy!r}; expected one of {', '.join(ops.REPLAY_POLICIES)}")
+        if max_reuse is not None and (not isinstance(max_reuse, int) or max_reuse < 1):
+            raise ValueError(f"max_reuse must be None or an int >= 1, got {max_reuse!r}")
+        from .trainer import resolve_device  # noqa: PLC0415  (shared device check)
+
+        self.device = resolve_device(device)
+        self.capacity, self.batch_shape, self.dtype = capacity, batch_shape, dtype
+        self.storage_dtype, self.policy, self.max_reuse, self.seed = storage_dtype, policy, max_reuse, int(seed)
+        B = batch_shape[0]
+        item = storage_dtype.itemsize
+        self.nbytes = capacity * (math.prod(batch_shape) * item + B * 8) + 2 * capacity * 8 + 4 * 8
+        free = _free_bytes(self.device)
+        if free is not None and self.nbytes > free:
+            raise MemoryError(f"ReplayBuffer of {capacity} x {list(batch_shape)} {storage_dtype} needs "
+                              f"{_mib(self.nbytes)} but only {_mib(free)} is free on {self.device}")
+        kw = dict(device=self.device)
+        self.storage = torch.empty((capacity, *batch_shape), dtype=storage_dtype, **kw)
+        self.label_store = torch.empty((capacity, B), dtype=torch.long, **kw)
+        self.state = torch.zeros(4, dtype=torch.long, **kw)  # head, count, pushes, samples
+        self.uses = torch.zeros(capacity, dtype=torch.long, **kw)
+        self.stamps = torch.zeros(capacity, dtype=torch.long, **kw)
+        self.pushes = 0  # host-side count of pushes made through this object
+        self._event: torch.cuda.Event | None = None
+        self._event_stream = None
+        self._streams_seen: set = set()
+
+    def __len__(self) -> int:
+        """Filled slots (known on the host: every push fills one)."""
+        return min(self.pushes, self.capacity)
+
+    def __repr__(self) -> str:
+        return (f"ReplayBuffer(capacity={self.capacity}, batch_shape={self.batch_shape}, dtype={self.dtype}, "
+                f"storage_dtype={self.storage_dtype}, device={self.device}, policy={self.policy!r}, "
+                f"max_reuse={self.max_reuse}, nbytes={self.nbytes})")
+
+    # cross-stream ordering -------------------------------------------------------------------
+    def _enter(self) -> None:
+        if self.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if self._event is not None and self._event_stream != stream:
+            stream.wait_event(self._event)
+        if stream not in self._streams_seen:
+            self._streams_seen.add(stream)
+            for t in (self.storage, self.label_store, self.state, self.uses, self.stamps):
+                t.record_stream(stream)
+
+    def _leave(self) -> None:
+        if self.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record(stream)
+        self._event_stream = stream
+
+    # ops -----------------------------------------------------------------------------------
+    def push(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Store mini-batch ``h`` (shape ``batch_shape``) and its labels ``y`` at the ring's head."""
+        if not isinstance(h, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"ReplayBuffer.push expects tensors, got {type(h).__name__} and {type(y).__name__}")
+        if tuple(h.shape) != self.batch_shape:
+            raise ValueError(f"ReplayBuffer.push: expected activations of shape {list(self.batch_shape)}, got {list(h.shape)}")
+        if h.dtype != self.dtype:
+            raise ValueError(f"ReplayBuffer.push: expected activations of dtype {self.dtype}, got {h.dtype}")
+        if h.device != self.device:
+            raise ValueError(f"ReplayBuffer.push: expected activations on {self.device}, got {h.device}")
+        if tuple(y.shape) != (self.batch_shape[0],):
+            raise ValueError(f"ReplayBuffer.push: expected labels of shape [{self.batch_shape[0]}], got {list(y.shape)}")
+        if y.dtype != torch.long:
+            raise ValueError(f"ReplayBuffer.push: expected int64 labels, got {y.dtype}")
+        if y.device != self.device:
+            raise ValueError(f"ReplayBuffer.push: expected labels on {self.device}, got {y.device}")
+        self._enter()
+        ops.replay_push(self.storage, self.label_store, self.state, self.uses, self.stamps, h.detach(), y)
+        self._leave()
+        self.pushes += 1
+
+    def sample(self) -> Sample:
+        """One stored mini-batch chosen by the policy, as fresh tensors ``(h, y)``.
+
+        Raises a ValueError on a buffer nothing was pushed to. With ``max_reuse``, when every slot
+        is used up the result has ``valid`` False (a device tensor: no host synchronisation) and
+        its tensors hold unspecified values.
+        """
+        if self.pushes == 0:
+            raise ValueError("ReplayBuffer.sample: the buffer is empty; push a mini-batch first")
+        self._enter()
+        out = torch.empty(self.batch_shape, dtype=self.dtype, device=self.device)
+        out_labels = torch.empty(self.batch_shape[0], dtype=torch.long, device=self.device)
+        info = torch.empty(2, dtype=torch.long, device=self.device)
+        ops.replay_sample(self.state, self.uses, self.stamps, self.storage, self.label_store, out, out_labels, info,
+                          self.policy, self.max_reuse, self.seed)
+        self._leave()
+        return Sample(out, out_labels, info)
