@@ -156,13 +156,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(name: str, rest: list[str]) -> int:
+    """Run benchmarks/bench_<name>.py (benchmarks live in the source checkout, beside the package)."""
+    import runpy  # noqa: PLC0415
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    path = os.path.join(folder, f"bench_{name}.py")
+    if not os.path.isfile(path):
+        found = sorted(f[6:-3] for f in os.listdir(folder) if f.startswith("bench_")) if os.path.isdir(folder) else []
+        print(f"error: no benchmark {name!r}; expected one of {', '.join(found) or '(none: run from a source checkout)'}",
+              file=sys.stderr)
+        return 2
+    old_argv = sys.argv
+    sys.argv = [path, *rest]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dgl_fast`` and the ``dgl-fast`` script."""
     parser = argparse.ArgumentParser(prog="python -m dgl_fast", description="dgl_fast: fast Decoupled Greedy Learning")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("info", help="print what was compiled (build_config) and the devices seen")
+    b = sub.add_parser("bench", help="run a benchmark from the repository's benchmarks/ folder, e.g. `bench replay`")
+    b.add_argument("name", help="benchmark name: NAME runs benchmarks/bench_NAME.py")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see its --help)")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args.name, args.rest)
     if args.command == "train":
         try:
             return cmd_train(args)

@@ -1,0 +1,189 @@
+"""Replay buffer microbenchmarks and the asynchronous trainer against the authors' way.
+
+    python benchmarks/bench_replay.py             # full run on the GPU, writes benchmarks/results/replay-<gpu>.*
+    python benchmarks/bench_replay.py --quick     # tiny shapes (a smoke run; works on CPU)
+
+Part 1, push and sample: for the buffers of VGG-13 (K=4) and the aux-study net (K=6) at batch 128
+and 512, fp32 and bf16 storage: dgl_fast's ops eager and inside a CUDA graph, ``index_copy_`` /
+``index_select`` on the same ring, and a host-memory ring like the authors' (pageable copies).
+Microseconds (median of CUDA-event timings) and effective GB/s (bytes read + written) against
+the device copy bandwidth measured in the same run.
+
+Part 2, asynchronous DGL on the authors' configuration (6-layer aux-study net, ``mlp`` heads of
+width 256, batch 128, buffer 30, noise 0.1 on stage 3): stage-steps per second of
+``Trainer(mode="async")`` and of ``authors_async.AuthorsAsyncDGL``, same model, same GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from authors_async import AuthorsAsyncDGL, HostReplayBuffer  # noqa: E402
+from common import copy_bandwidth_gbs, env_header, graph_of, time_us, write_results  # noqa: E402
+
+import dgl_fast  # noqa: E402
+
+STAGE_SHAPES = {  # per-sample outputs of the stages that feed a buffer
+    "vgg13-k4": [(128, 16, 16), (256, 8, 8), (512, 2, 2)],
+    "aux-study-k6": [(128, 32, 32), (256, 16, 16), (512, 8, 8)],
+}
+
+
+def bench_case(device, net, batch_shape, sdt, capacity, ceiling, reps) -> dict:
+    """One buffer shape and storage dtype: dgl_fast ops eager and in a graph, and the baselines."""
+    B = batch_shape[0]
+    x = torch.randn(batch_shape, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
+    buf = dgl_fast.ReplayBuffer(capacity, batch_shape, device=device, storage_dtype=sdt)
+    for _ in range(capacity):
+        buf.push(x, y)
+    out = torch.empty(batch_shape, device=device)
+    out_y = torch.empty(B, dtype=torch.long, device=device)
+    info = torch.empty(2, dtype=torch.long, device=device)
+    n = x.numel()
+    push_bytes = n * (4 + sdt.itemsize) + B * 16  # read fp32 activations, write storage (+ labels)
+    sample_bytes = n * (sdt.itemsize + 4) + B * 16
+
+    def push():
+        dgl_fast.ops.replay_push(buf.storage, buf.label_store, buf.state, buf.uses, buf.stamps, x, y)
+
+    def sample():
+        dgl_fast.ops.replay_sample(buf.state, buf.uses, buf.stamps, buf.storage, buf.label_store, out, out_y, info)
+
+    slot = torch.tensor([1], device=device)
+    xs = x.to(sdt).unsqueeze(0)
+    res = {"net": net, "shape": list(batch_shape), "storage": str(sdt).replace("torch.", ""), "batch_mb": n * 4 / 1e6}
+    res["push_us"] = time_us(push, device, reps=reps)
+    res["sample_us"] = time_us(sample, device, reps=reps)
+    res["index_copy_us"] = time_us(lambda: buf.storage.index_copy_(0, slot, xs), device, reps=reps)
+    res["index_select_us"] = time_us(lambda: torch.index_select(buf.storage, 0, slot), device, reps=reps)
+    if device.type == "cuda":
+        res["push_graph_us"] = time_us(graph_of(push, device), device, reps=reps)
+        res["sample_graph_us"] = time_us(graph_of(sample, device), device, reps=reps)
+        host = HostReplayBuffer(capacity)
+        host.push(x, y)
+        res["host_push_us"] = time_us(lambda: host.push(x, y), device, reps=max(5, reps // 5))
+        res["host_sample_us"] = time_us(lambda: host.sample(device), device, reps=max(5, reps // 5))
+    res["push_gbs"] = push_bytes / res["push_us"] / 1e3
+    res["sample_gbs"] = sample_bytes / res["sample_us"] / 1e3
+    res["push_frac_of_copy"] = res["push_gbs"] / ceiling
+    res["sample_frac_of_copy"] = res["sample_gbs"] / ceiling
+    return res
+
+
+def bench_ops(device, shapes_by_net, batches, dtypes, capacity, ceiling, reps):
+    return [bench_case(device, net, (B, *shape), sdt, capacity, ceiling, reps)
+            for net, shapes in shapes_by_net.items() for shape in shapes for B in batches for sdt in dtypes]
+
+
+def bench_async(device, batch, capacity, steps, width, quick):
+    torch.manual_seed(0)
+    size = 8 if quick else 32
+    model = dgl_fast.models.build("aux-study", num_classes=10, depth=6, width=width, aux="mlp", hidden=256, in_size=size)
+
+    def opt(p):
+        return torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    data = [(torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device))
+            for _ in range(8)]
+    slowdown = {3: 0.1}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # dgl_fast
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=opt, mode="async", device=device,
+                               buffer_capacity=capacity, slowdown=slowdown)
+    i = 0
+    while trainer._warm < model.num_stages - 1 or i < 5:  # warm-up, then a few steady steps
+        trainer.step(*data[i % len(data)])
+        i += 1
+    sync()
+    before = sum(trainer.stage_steps)
+    t0 = time.perf_counter()
+    while sum(trainer.stage_steps) - before < steps:
+        trainer.step(*data[i % len(data)])
+        i += 1
+    sync()
+    ours = (sum(trainer.stage_steps) - before) / (time.perf_counter() - t0)
+
+    # the authors' way
+    base = AuthorsAsyncDGL(copy.deepcopy(model), opt, capacity, slowdown, device)
+    k = iter(range(10**9))
+
+    def fresh():
+        return data[next(k) % len(data)]
+
+    base.warm_up(data[i % len(data)] for i in range(10**9))
+    sync()
+    before = sum(base.stage_steps)
+    t0 = time.perf_counter()
+    while sum(base.stage_steps) - before < max(steps // 4, 20):
+        base.tick(fresh)
+    sync()
+    theirs = (sum(base.stage_steps) - before) / (time.perf_counter() - t0)
+    return {"config": {"model": "aux-study depth 6", "width": width, "heads": "mlp hidden 256", "batch": batch,
+                       "buffer": capacity, "slowdown": slowdown, "in_size": size},
+            "dgl_fast_stage_steps_per_s": ours, "authors_way_stage_steps_per_s": theirs, "speedup": ours / theirs}
+
+
+def markdown(header, ceiling, rows, asy) -> str:
+    lines = [f"# Replay buffer benchmark ({header['device']})", "",
+             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", "",
+             f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s (read + write).", "",
+             "| net | batch shape | storage | push us | sample us | push GB/s (% copy) | sample GB/s (% copy) |"
+             " push graph us | sample graph us | index_copy_ us | index_select us | host push us | host sample us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def g(r, k):
+        return f"{r[k]:.1f}" if k in r else "-"
+
+    for r in rows:
+        lines.append(f"| {r['net']} | {r['shape']} | {r['storage']} | {r['push_us']:.1f} | {r['sample_us']:.1f} | "
+                     f"{r['push_gbs']:.0f} ({100 * r['push_frac_of_copy']:.0f}%) | "
+                     f"{r['sample_gbs']:.0f} ({100 * r['sample_frac_of_copy']:.0f}%) | {g(r, 'push_graph_us')} | "
+                     f"{g(r, 'sample_graph_us')} | {g(r, 'index_copy_us')} | {g(r, 'index_select_us')} | "
+                     f"{g(r, 'host_push_us')} | {g(r, 'host_sample_us')} |")
+    lines += ["", "## Asynchronous DGL, authors' configuration", "",
+              f"config: {asy['config']}", "",
+              "| dgl_fast Trainer(mode='async') | the authors' way (host buffer, eager, sync per step) | speedup |",
+              "|---|---|---|",
+              f"| {asy['dgl_fast_stage_steps_per_s']:.1f} stage-steps/s | {asy['authors_way_stage_steps_per_s']:.1f} "
+              f"stage-steps/s | {asy['speedup']:.1f}x |", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
+    p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    header = env_header(device)
+    shapes = {"tiny": [(8, 4, 4)]} if args.quick else STAGE_SHAPES
+    if args.quick:
+        batches, reps, capacity, steps, width = [4], 3, 2, 30, 4
+    else:
+        batches, reps, capacity, steps, width = [128, 512], 50, 4, 600, 128
+    ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
+    rows = bench_ops(device, shapes, batches, [torch.float32, torch.bfloat16], capacity, ceiling, reps)
+    asy = bench_async(device, 4 if args.quick else 128, 3 if args.quick else 30, steps, width, args.quick)
+    md = markdown(header, ceiling, rows, asy)
+    print(md)
+    if not args.no_write:
+        paths = write_results("replay", device, {"header": header, "copy_gbs": ceiling, "ops": rows, "async": asy}, md)
+        print("wrote", *paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
