@@ -87,10 +87,17 @@ inline void check_replay_batch(const char* what, const at::Tensor& storage, cons
               ", got ", y.device());
 }
 
-inline void check_replay_info(const at::Tensor& info, const at::Tensor& storage) {
+// All checks of replay_sample's arguments (both devices).
+inline void check_replay_sample_args(const at::Tensor& state, const at::Tensor& uses, const at::Tensor& stamps,
+                                     const at::Tensor& storage, const at::Tensor& label_store, const at::Tensor& out,
+                                     const at::Tensor& out_labels, const at::Tensor& info, int64_t policy) {
+  check_replay_state(storage, label_store, state, uses, stamps);
+  check_replay_batch("sample", storage, label_store, out, out_labels);
   TORCH_CHECK(info.numel() == 2 && info.scalar_type() == at::kLong && info.is_contiguous() &&
                   info.device() == storage.device(),
               "ReplayBuffer.sample: info must be 2 contiguous int64 values on ", storage.device());
+  TORCH_CHECK(policy >= kPriorityLifo && policy <= kUniform, "ReplayBuffer.sample: unknown policy code ", policy,
+              "; expected 0 (priority_lifo), 1 (fifo) or 2 (uniform)");
 }
 
 }  // namespace dgl_fast

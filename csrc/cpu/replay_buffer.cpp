@@ -31,10 +31,7 @@ void replay_push_cpu(at::Tensor& storage, at::Tensor& label_store, at::Tensor& s
 void replay_sample_cpu(at::Tensor& state, at::Tensor& uses, const at::Tensor& stamps, const at::Tensor& storage,
                        const at::Tensor& label_store, at::Tensor& out, at::Tensor& out_labels, at::Tensor& info,
                        int64_t policy, int64_t max_reuse, int64_t seed) {
-  check_replay_state(storage, label_store, state, uses, stamps);
-  check_replay_batch("sample", storage, label_store, out, out_labels);
-  check_replay_info(info, storage);
-  TORCH_CHECK(policy >= 0 && policy <= 2, "ReplayBuffer.sample: unknown policy code ", policy);
+  check_replay_sample_args(state, uses, stamps, storage, label_store, out, out_labels, info, policy);
   int64_t* st = state.mutable_data_ptr<int64_t>();
   int64_t* u = uses.mutable_data_ptr<int64_t>();
   const int64_t slot = replay_select(u, stamps.const_data_ptr<int64_t>(), st[1], policy, max_reuse,

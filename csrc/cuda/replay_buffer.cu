@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../replay_buffer.h"
 
@@ -34,25 +35,20 @@ int copy_blocks(int64_t n_items) {
 // Copies one slot of `n` elements. `slot_ptr[0]` is the slot, read on the device; -1 means
 // "nothing" (the kernel returns). gather = true: src is the slotted store (sample); false: dst is
 // (push). 16-byte vectors when both sides are the same dtype and aligned.
-template <typename vec_t>
-__global__ void slot_copy_vec_kernel(const vec_t* __restrict__ src, vec_t* __restrict__ dst,
-                                     const int64_t* __restrict__ slot_ptr, int64_t n, bool gather) {
-  const int64_t slot = *slot_ptr;
-  if (slot < 0) return;
-  if (gather) {
-    src += slot * n;
+// Same-dtype elements move as raw bits (vec_t = uint4 for 16-byte vectors); otherwise they are
+// converted through float (fp32 <-> bf16 / fp16 storage).
+template <typename src_t, typename dst_t>
+__device__ __forceinline__ dst_t slot_convert(src_t v) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    return v;
   } else {
-    dst += slot * n;
-  }
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    dst[i] = src[i];
+    return static_cast<dst_t>(static_cast<float>(v));
   }
 }
 
 template <typename src_t, typename dst_t>
-__global__ void slot_convert_kernel(const src_t* __restrict__ src, dst_t* __restrict__ dst,
-                                    const int64_t* __restrict__ slot_ptr, int64_t n, bool gather) {
+__global__ void slot_copy_kernel(const src_t* __restrict__ src, dst_t* __restrict__ dst,
+                                 const int64_t* __restrict__ slot_ptr, int64_t n, bool gather) {
   const int64_t slot = *slot_ptr;
   if (slot < 0) return;
   if (gather) {
@@ -62,7 +58,7 @@ __global__ void slot_convert_kernel(const src_t* __restrict__ src, dst_t* __rest
   }
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    dst[i] = static_cast<dst_t>(static_cast<float>(src[i]));
+    dst[i] = slot_convert<src_t, dst_t>(src[i]);
   }
 }
 
@@ -75,19 +71,19 @@ void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slo
     const auto d = reinterpret_cast<uintptr_t>(dst.mutable_data_ptr());
     if (bytes % 16 == 0 && s % 16 == 0 && d % 16 == 0) {
       const int64_t nv = bytes / 16;
-      slot_copy_vec_kernel<uint4><<<copy_blocks(nv), kThreads, 0, stream>>>(
+      slot_copy_kernel<uint4, uint4><<<copy_blocks(nv), kThreads, 0, stream>>>(
           static_cast<const uint4*>(src.const_data_ptr()), static_cast<uint4*>(dst.mutable_data_ptr()), slot_ptr, nv,
           gather);
     } else if (src.element_size() == 8) {
-      slot_copy_vec_kernel<uint64_t><<<copy_blocks(n), kThreads, 0, stream>>>(
+      slot_copy_kernel<uint64_t, uint64_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint64_t*>(src.const_data_ptr()), static_cast<uint64_t*>(dst.mutable_data_ptr()), slot_ptr, n,
           gather);
     } else if (src.element_size() == 4) {
-      slot_copy_vec_kernel<uint32_t><<<copy_blocks(n), kThreads, 0, stream>>>(
+      slot_copy_kernel<uint32_t, uint32_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint32_t*>(src.const_data_ptr()), static_cast<uint32_t*>(dst.mutable_data_ptr()), slot_ptr, n,
           gather);
     } else {
-      slot_copy_vec_kernel<uint16_t><<<copy_blocks(n), kThreads, 0, stream>>>(
+      slot_copy_kernel<uint16_t, uint16_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint16_t*>(src.const_data_ptr()), static_cast<uint16_t*>(dst.mutable_data_ptr()), slot_ptr, n,
           gather);
     }
@@ -97,7 +93,7 @@ void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "replay_copy_src", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "replay_copy_dst", [&] {
-      slot_convert_kernel<src_t, scalar_t><<<copy_blocks(n), kThreads, 0, stream>>>(
+      slot_copy_kernel<src_t, scalar_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           src.const_data_ptr<src_t>(), dst.mutable_data_ptr<scalar_t>(), slot_ptr, n, gather);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -143,10 +139,7 @@ void replay_push_cuda(at::Tensor& storage, at::Tensor& label_store, at::Tensor& 
 void replay_sample_cuda(at::Tensor& state, at::Tensor& uses, const at::Tensor& stamps, const at::Tensor& storage,
                         const at::Tensor& label_store, at::Tensor& out, at::Tensor& out_labels, at::Tensor& info,
                         int64_t policy, int64_t max_reuse, int64_t seed) {
-  check_replay_state(storage, label_store, state, uses, stamps);
-  check_replay_batch("sample", storage, label_store, out, out_labels);
-  check_replay_info(info, storage);
-  TORCH_CHECK(policy >= 0 && policy <= 2, "ReplayBuffer.sample: unknown policy code ", policy);
+  check_replay_sample_args(state, uses, stamps, storage, label_store, out, out_labels, info, policy);
   TORCH_CHECK(out.is_contiguous() && out_labels.is_contiguous(),
               "ReplayBuffer.sample: output tensors must be contiguous");
   const c10::cuda::CUDAGuard guard(storage.device());
