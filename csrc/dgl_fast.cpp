@@ -30,4 +30,26 @@ TORCH_LIBRARY(dgl_fast, m) {
   // was taken else 0}; with nothing available, out and out_labels are left as they were.
   m.def("replay_sample(Tensor(a!) state, Tensor(b!) uses, Tensor stamps, Tensor storage, Tensor label_store, "
         "Tensor(c!) out, Tensor(d!) out_labels, Tensor(e!) info, int policy, int max_reuse, int seed) -> ()");
+
+  // Auxiliary-head building blocks (dgl_fast/heads.py composes them; references in reference.py).
+  // Adaptive average pooling of x [B, C, H, W] (any strides: NCHW, channels_last, views) to
+  // [B, C, out_h, out_w], reading x once; the output is NCHW- or channels_last-contiguous.
+  m.def("aux_pool(Tensor x, int out_h, int out_w, bool channels_last_out) -> Tensor");
+  // Its backward: grad_x [B, C, in_h, in_w] written once, in NCHW or channels_last layout.
+  m.def("aux_pool_bwd(Tensor grad_out, int in_h, int in_w, bool channels_last_in) -> Tensor");
+  // Linear + BatchNorm + ReLU on rows: x [N, K], weight [M, K], bias [M] or None, gamma/beta [M].
+  //   z = x @ weight.T + bias; training: mean/var = batch mean and biased variance of z's columns,
+  //   eval: mean/var = running_mean/running_var; out = relu(gamma * (z - mean) / sqrt(var + eps) + beta).
+  //   -> (out [N, M], z [N, M] (saved for backward), mean [M], var [M]); stats in float32 (float64
+  //   for float64 inputs). The running statistics are not touched here: see bn_update_stats.
+  m.def("linear_bn_relu(Tensor x, Tensor weight, Tensor? bias, Tensor gamma, Tensor beta, Tensor running_mean, "
+        "Tensor running_var, bool training, float eps) -> (Tensor out, Tensor z, Tensor mean, Tensor var)");
+  //   -> (grad_x, grad_weight, grad_bias (zeros [M] when bias is None), grad_gamma, grad_beta)
+  m.def("linear_bn_relu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor z, Tensor mean, Tensor var, "
+        "Tensor gamma, Tensor beta, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // nn.BatchNorm's running-statistics update for several layers in one launch:
+  //   running_mean = (1 - m) * running_mean + m * mean
+  //   running_var  = (1 - m) * running_var + m * var * n / (n - 1);  num_batches_tracked += 1
+  m.def("bn_update_stats(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor(c!)[] num_batches_tracked, "
+        "Tensor[] means, Tensor[] vars, int[] counts, float[] momentums) -> ()");
 }

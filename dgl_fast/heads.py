@@ -6,10 +6,15 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 
 __all__ = ["AuxHead", "HEAD_KINDS"]
+
+#: Kinds computed by the fused ops (aux_pool, linear_bn_relu, bn_update_stats); the others run as
+#: plain PyTorch modules.
+FUSED_KINDS = ("mlp-sr", "mlp", "last")
 
 #: Head kinds: ``mlp-sr``, ``mlp`` and ``cnn`` are the auxiliary heads of the paper's study, ``last``
 #: is the classifier of the last stage, ``linear`` is a global-average-pool + linear head
@@ -49,13 +54,20 @@ class AuxHead(nn.Module):
             2 x [Linear, BN1d, ReLU], Linear) or ``"linear"`` (global average pool, Linear).
         hidden: width of the hidden linear layers (default 4C, as in the paper; the asynchronous
             experiments use 256). For ``cnn`` it is the width of the convolutions (default C).
+        fused: compute ``mlp-sr``, ``mlp`` and ``last`` heads with dgl_fast's fused ops (default);
+            ``cnn`` and ``linear`` heads always run as plain PyTorch modules.
 
     ``forward(x)`` returns logits; :meth:`loss` returns the mean cross-entropy and the number of
-    correct predictions (fused softmax + cross-entropy op). :meth:`to_reference` returns a plain
-    ``nn.Sequential`` that shares this head's parameters: the oracle of fused implementations.
+    correct predictions (fused softmax + cross-entropy op). The fused path computes the same
+    function as :meth:`to_reference`, a plain ``nn.Sequential`` sharing this head's parameters
+    (the oracle of the fused ops): one pooling pass over the stage output, one Linear + BatchNorm
+    + ReLU op per layer (1x1 convolutions are Linear layers on pixels), one launch for all running
+    statistics. Under ``torch.autocast`` the matrix products run in the autocast dtype while
+    BatchNorm statistics and parameters stay float32.
     """
 
-    def __init__(self, in_channels: int, in_size, num_classes: int, kind: str = "mlp-sr", hidden: int | None = None):
+    def __init__(self, in_channels: int, in_size, num_classes: int, kind: str = "mlp-sr", hidden: int | None = None,
+                 fused: bool = True):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise ValueError(f"unknown aux head kind {kind!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -92,6 +104,7 @@ class AuxHead(nn.Module):
             hid = C
             layers = [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(C, num_classes)]
         self.hidden = hid
+        self.fused = bool(fused)
         self.layers = nn.Sequential(*layers)
 
     def extra_repr(self) -> str:
@@ -106,7 +119,71 @@ class AuxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.uses_fused_ops():
+            return self._fused_forward(x)
         return self.layers(x)
+
+    def uses_fused_ops(self) -> bool:
+        """Whether :meth:`forward` runs dgl_fast's fused ops (kind, settings and BatchNorm options allow)."""
+        if not self.fused or self.kind not in FUSED_KINDS:
+            return False
+        return all(m.affine and m.track_running_stats and m.momentum is not None and m.running_mean is not None
+                   for m in self.layers if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def _check_params(self, x: torch.Tensor, weight: torch.Tensor, autocast: bool) -> None:
+        if x.device != weight.device:
+            raise ValueError(f"AuxHead({self.kind}) expected features on {weight.device} like its parameters, "
+                             f"got {x.device}")
+        if not autocast and x.dtype != weight.dtype:
+            raise ValueError(f"AuxHead({self.kind}) expected features of dtype {weight.dtype} like its parameters, "
+                             f"got {x.dtype}")
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.layers)
+        linears = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
+        bns = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
+        self._check_params(x, linears[0].weight, autocast)
+        cdt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        if autocast and x.dtype != cdt:
+            x = x.to(cdt)
+
+        def cast(t):
+            return None if t is None else (t.to(cdt) if t.dtype != cdt else t)
+
+        stats = []  # (bn, mean, var, rows) of the layers trained in this pass
+
+        def block(h, lin, bn):
+            w = lin.weight.view(lin.weight.shape[0], -1)
+            out, mean, var = ops.linear_bn_relu(h, cast(w), cast(lin.bias), bn.weight, bn.bias, bn.running_mean,
+                                                bn.running_var, bn.training, bn.eps)
+            if bn.training:
+                stats.append((bn, mean, var, h.shape[0]))
+            return out
+
+        B, C = x.shape[:2]
+        k = 0
+        if self.kind == "mlp-sr":
+            ph, pw = layers[0].output_size
+            h = ops.aux_pool(x, (ph, pw), channels_last_out=True)  # [B, C, ph, pw], pixels as rows
+            rows = h.permute(0, 2, 3, 1).reshape(B * ph * pw, C)
+            for _ in range(3):
+                rows = block(rows, linears[k], bns[k])
+                k += 1
+            h = rows.view(B, ph, pw, C).permute(0, 3, 1, 2)
+            h = ops.aux_pool(h, (2, 2)).reshape(B, 4 * C)
+        else:
+            h = ops.aux_pool(x, (2, 2)).reshape(B, 4 * C)
+        while k < len(bns):
+            h = block(h, linears[k], bns[k])
+            k += 1
+        logits = F.linear(h, cast(linears[-1].weight), cast(linears[-1].bias))
+        if stats:
+            ops.bn_update_stats([bn.running_mean for bn, *_ in stats], [bn.running_var for bn, *_ in stats],
+                                [bn.num_batches_tracked for bn, *_ in stats], [m for _, m, _, _ in stats],
+                                [v for _, _, v, _ in stats], [n for *_, n in stats], [bn.momentum for bn, *_ in stats])
+        return logits
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of this head on ``x`` and the number of correct predictions."""

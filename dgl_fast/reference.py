@@ -49,3 +49,22 @@ def replay_select(uses: list[int], stamps: list[int], count: int, policy: str, m
     ties = [s for s in avail if uses[s] == least]
     pick = max if policy == "priority_lifo" else min
     return pick(ties, key=lambda s: stamps[s])
+
+
+def aux_pool(x: torch.Tensor, out_size: tuple[int, int], channels_last_out: bool = False) -> torch.Tensor:
+    """Reference of ``torch.ops.dgl_fast.aux_pool``: ``F.adaptive_avg_pool2d``."""
+    fmt = torch.channels_last if channels_last_out else torch.contiguous_format
+    return F.adaptive_avg_pool2d(x, out_size).contiguous(memory_format=fmt)
+
+
+def linear_bn_relu(x, weight, bias, gamma, beta, running_mean, running_var, training, eps=1e-5):
+    """Reference of ``torch.ops.dgl_fast.linear_bn_relu``: returns ``(out, mean, var)``, running
+    statistics untouched (var is the biased batch variance in training)."""
+    z = F.linear(x, weight, bias)
+    zs = z.to(gamma.dtype)
+    if training:
+        mean, var = zs.mean(0), zs.var(0, unbiased=False)
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+    out = torch.relu((zs - mean) / torch.sqrt(var + eps) * gamma + beta)
+    return out.to(z.dtype), mean, var

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 import dgl_fast
 
 
-def small_model(K: int, seed: int = 0, in_ch: int = 3, size: int = 9, classes: int = 5, aux: str = "mlp"):
-    """K conv+BN+ReLU stages on odd-sized inputs, AuxHeads on each."""
+def small_model(K: int, seed: int = 0, in_ch: int = 3, size: int = 9, classes: int = 5, aux: str = "mlp",
+                fused: bool = False, dtype=torch.float32):
+    """K conv+BN+ReLU stages on odd-sized inputs, AuxHeads on each (plain-PyTorch heads unless
+    ``fused``: trainer tests check the schedule; tests/test_aux_head.py checks the fused ops)."""
     torch.manual_seed(seed)
     stages, heads, c = [], [], in_ch
     s = size
@@ -20,14 +22,14 @@ def small_model(K: int, seed: int = 0, in_ch: int = 3, size: int = 9, classes: i
         stages.append(nn.Sequential(nn.Conv2d(c, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU()))
         s = (s + 2 - 3) // stride + 1
         kind = "last" if j == K - 1 else aux
-        heads.append(dgl_fast.AuxHead(cout, s, classes, kind=kind, hidden=12))
+        heads.append(dgl_fast.AuxHead(cout, s, classes, kind=kind, hidden=12, fused=fused))
         c = cout
-    return dgl_fast.DecoupledModel(stages, heads, input_shape=(in_ch, size, size))
+    return dgl_fast.DecoupledModel(stages, heads, input_shape=(in_ch, size, size)).to(dtype)
 
 
-def batches(n: int, B: int = 6, in_ch: int = 3, size: int = 9, classes: int = 5, seed: int = 1):
+def batches(n: int, B: int = 6, in_ch: int = 3, size: int = 9, classes: int = 5, seed: int = 1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(B, in_ch, size, size, generator=g), torch.randint(0, classes, (B,), generator=g))
+    return [(torch.randn(B, in_ch, size, size, generator=g).to(dtype), torch.randint(0, classes, (B,), generator=g))
             for _ in range(n)]
 
 

@@ -25,6 +25,20 @@ def test_dgl_equals_plain_loop(K):
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("aux", ["mlp", "mlp-sr"])
+def test_dgl_with_fused_heads_equals_plain_loop_with_reference_heads(dtype, tol, aux):
+    # The trainer runs the fused aux-head ops; the plain loop runs head.to_reference().
+    model = small_model(3, seed=6, aux=aux, fused=True, dtype=dtype)
+    assert model.heads[0].uses_fused_ops()
+    data = batches(4, dtype=dtype)
+    expected = plain_dgl(model, data)
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd)
+    for x, y in data:
+        trainer.step(x, y)
+    assert_same_state(trainer.model, expected, rtol=tol, atol=tol)
+
+
 def test_dgl_equals_plain_loop_with_noncontiguous_input():
     model = small_model(2, seed=3)
     data = [(x.transpose(2, 3).contiguous().transpose(2, 3), y) for x, y in batches(3)]

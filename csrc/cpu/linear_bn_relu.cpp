@@ -1,0 +1,148 @@
+// CPU kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats.
+// Schemas: csrc/dgl_fast.cpp. The matrix products go through ATen (BLAS); bias, BatchNorm
+// statistics, normalisation and ReLU (and their backward) are one pass over each column here.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "../aux_head.h"
+
+namespace dgl_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
+    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
+  check_lbr_args(x, w, bias, gamma, beta, running_mean, running_var, training);
+  const at::Tensor z = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  const int64_t N = z.size(0), M = z.size(1);
+  const auto sdt = stat_dtype(x.scalar_type());
+  at::Tensor out = at::empty({N, M}, z.options());
+  at::Tensor mean = training ? at::empty({M}, z.options().dtype(sdt)) : running_mean.clone();
+  at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* g = gamma.const_data_ptr<acc_t>();
+    const acc_t* bt = beta.const_data_ptr<acc_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        if (training) {  // two passes: mean, then the biased variance around it
+          acc_t s = 0;
+          for (int64_t n = 0; n < N; ++n) s += static_cast<acc_t>(zp[n * M + m]);
+          const acc_t mu = s / static_cast<acc_t>(N);
+          acc_t ss = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t d = static_cast<acc_t>(zp[n * M + m]) - mu;
+            ss += d * d;
+          }
+          mp[m] = mu;
+          vp[m] = ss / static_cast<acc_t>(N);
+        }
+        const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t y = g[m] * ((static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd) + bt[m];
+          op[n * M + m] = static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0));
+        }
+      }
+    });
+  });
+  return {out, z, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& w, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, bool training, double eps) {
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  TORCH_CHECK(grad_out.sizes() == z.sizes(), "linear_bn_relu backward: expected a gradient of shape ", z.sizes(),
+              ", got ", grad_out.sizes());
+  const int64_t N = z.size(0), M = z.size(1);
+  at::Tensor grad_z = at::empty_like(z);
+  at::Tensor grad_gamma = at::empty_like(gamma);
+  at::Tensor grad_beta = at::empty_like(beta);
+  at::Tensor grad_bias = at::empty({M}, z.options().dtype(stat_dtype(z.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
+    const acc_t* ga = gamma.const_data_ptr<acc_t>();
+    const acc_t* bt = beta.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* vp = var.const_data_ptr<acc_t>();
+    acc_t* dg = grad_gamma.mutable_data_ptr<acc_t>();
+    acc_t* db = grad_beta.mutable_data_ptr<acc_t>();
+    acc_t* dbias = grad_bias.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
+        acc_t sum_g = 0, sum_gx = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
+          const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
+          sum_g += g;
+          sum_gx += g * xhat;
+        }
+        dg[m] = sum_gx;
+        db[m] = sum_g;
+        const acc_t scale = ga[m] * invstd;
+        const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+        acc_t sum_dz = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
+          const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
+          const acc_t dz = training ? scale * (g - sum_g * inv_n - xhat * sum_gx * inv_n) : scale * g;
+          gz[n * M + m] = static_cast<scalar_t>(dz);
+          sum_dz += static_cast<acc_t>(static_cast<scalar_t>(dz));
+        }
+        dbias[m] = sum_dz;
+      }
+    });
+  });
+  at::Tensor grad_x = at::mm(grad_z, w);
+  at::Tensor grad_w = at::mm(grad_z.t(), x);
+  return {grad_x, grad_w, grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
+}
+
+void bn_update_stats_cpu(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
+                         at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums) {
+  check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
+  for (size_t i = 0; i < rms.size(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES(rms[i].scalar_type(), "bn_update_stats_cpu", [&] {
+      scalar_t* rm = rms[i].mutable_data_ptr<scalar_t>();
+      scalar_t* rv = rvs[i].mutable_data_ptr<scalar_t>();
+      const scalar_t* mu = means[i].const_data_ptr<scalar_t>();
+      const scalar_t* va = vars[i].const_data_ptr<scalar_t>();
+      const scalar_t m = static_cast<scalar_t>(momentums[i]);
+      const scalar_t unbias = static_cast<scalar_t>(counts[i]) / static_cast<scalar_t>(counts[i] - 1);
+      for (int64_t c = 0; c < rms[i].numel(); ++c) {
+        rm[c] = m * mu[c] + (scalar_t(1) - m) * rm[c];  // nn.BatchNorm's order of operations
+        rv[c] = m * (va[c] * unbias) + (scalar_t(1) - m) * rv[c];
+      }
+    });
+    nbt[i].mutable_data_ptr<int64_t>()[0] += 1;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dgl_fast, CPU, m) {
+  m.impl("linear_bn_relu", &linear_bn_relu_cpu);
+  m.impl("linear_bn_relu_bwd", &linear_bn_relu_bwd_cpu);
+  m.impl("bn_update_stats", &bn_update_stats_cpu);
+}
+
+}  // namespace dgl_fast
