@@ -1,6 +1,7 @@
 // CPU kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats.
 // Schemas: csrc/dgl_fast.cpp. The matrix products go through ATen (BLAS); bias, BatchNorm
 // statistics, normalisation and ReLU (and their backward) are one pass over each column here.
+#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -32,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
   at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* g = gamma.const_data_ptr<acc_t>();
@@ -40,17 +42,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
     acc_t* vp = var.mutable_data_ptr<acc_t>();
     at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
-        if (training) {  // two passes: mean, then the biased variance around it
-          acc_t s = 0;
-          for (int64_t n = 0; n < N; ++n) s += static_cast<acc_t>(zp[n * M + m]);
-          const acc_t mu = s / static_cast<acc_t>(N);
-          acc_t ss = 0;
+        if (training) {  // two passes: mean, then the biased variance around it (sums in double, as ATen's CPU BN)
+          sum_t s = 0;
+          for (int64_t n = 0; n < N; ++n) s += static_cast<sum_t>(zp[n * M + m]);
+          const sum_t mu = s / static_cast<sum_t>(N);
+          sum_t ss = 0;
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t d = static_cast<acc_t>(zp[n * M + m]) - mu;
+            const sum_t d = static_cast<sum_t>(zp[n * M + m]) - mu;
             ss += d * d;
           }
-          mp[m] = mu;
-          vp[m] = ss / static_cast<acc_t>(N);
+          mp[m] = static_cast<acc_t>(mu);
+          vp[m] = static_cast<acc_t>(ss / static_cast<sum_t>(N));
         }
         const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
         for (int64_t n = 0; n < N; ++n) {
@@ -76,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor grad_bias = at::empty({M}, z.options().dtype(stat_dtype(z.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gz = grad_z.mutable_data_ptr<scalar_t>();
@@ -89,26 +92,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
-        acc_t sum_g = 0, sum_gx = 0;
+        sum_t sg = 0, sgx = 0;
         for (int64_t n = 0; n < N; ++n) {
           const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
           const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
-          sum_g += g;
-          sum_gx += g * xhat;
+          sg += g;
+          sgx += static_cast<sum_t>(g) * xhat;
         }
+        const acc_t sum_g = static_cast<acc_t>(sg), sum_gx = static_cast<acc_t>(sgx);
         dg[m] = sum_gx;
         db[m] = sum_g;
         const acc_t scale = ga[m] * invstd;
         const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
-        acc_t sum_dz = 0;
+        sum_t sum_dz = 0;
         for (int64_t n = 0; n < N; ++n) {
           const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
           const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
           const acc_t dz = training ? scale * (g - sum_g * inv_n - xhat * sum_gx * inv_n) : scale * g;
           gz[n * M + m] = static_cast<scalar_t>(dz);
-          sum_dz += static_cast<acc_t>(static_cast<scalar_t>(dz));
+          sum_dz += static_cast<sum_t>(static_cast<scalar_t>(dz));
         }
-        dbias[m] = sum_dz;
+        dbias[m] = static_cast<acc_t>(sum_dz);
       }
     });
   });
