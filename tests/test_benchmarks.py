@@ -9,6 +9,12 @@ def test_bench_replay_quick(capsys):
     assert "Device copy ceiling measured in this run" in out and "stage-steps/s" in out
 
 
+def test_bench_aux_head_quick(capsys):
+    assert cli.main(["bench", "aux_head", "--quick", "--no-write", "--device", "cpu", "--kinds", "mlp-sr,last"]) == 0
+    out = capsys.readouterr().out
+    assert "fused eager" in out and out.count("| mlp-sr |") == 2 and out.count("| last |") == 2
+
+
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
-    assert "no benchmark 'nosuch'; expected one of replay" in capsys.readouterr().err
+    assert "no benchmark 'nosuch'; expected one of aux_head, replay" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""Auxiliary-head forward + backward: the fused ops against plain PyTorch, same GPU, same run.
+
+    python benchmarks/bench_aux_head.py            # full run on the GPU: benchmarks/results/aux_head-<gpu>.*
+    python benchmarks/bench_aux_head.py --quick    # tiny shapes, CPU-friendly smoke run
+
+For each stage output of VGG-13 (K=4) and of the aux-study net, at batch 128 and 512, in float32
+and under bfloat16 autocast: one training step of the head (forward, cross-entropy, backward to
+the input and to every parameter; BatchNorm in training mode) run as
+  - reference eager: ``head.to_reference()`` + ``F.cross_entropy``, the way plain PyTorch runs it;
+  - reference in one CUDA graph;
+  - reference under ``torch.compile``;
+  - fused eager: ``AuxHead`` with dgl_fast's ops;
+  - fused in one CUDA graph.
+Microseconds are the median of CUDA-event timings after warm-up. Effective GB/s counts the
+unavoidable traffic (read the input and write its gradient once, read the parameters and write
+their gradients once) against the device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import copy_bandwidth_gbs, env_header, graph_of, time_us, write_results  # noqa: E402
+
+import dgl_fast  # noqa: E402
+
+STAGES = {"vgg13-k4": [(128, 16), (256, 8), (512, 2)], "aux-study": [(128, 32), (256, 16), (512, 8)]}
+
+
+def make_step(head_fn, params, x, y, amp):
+    """One head training step that returns gradients (no .grad accumulation, so graphs replay)."""
+    leaves = [x] + params
+
+    def step():
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            loss = head_fn(x, y)
+        return torch.autograd.grad(loss, leaves)
+
+    return step
+
+
+def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
+    torch.manual_seed(0)
+    head = dgl_fast.AuxHead(C, s, 10, kind=kind).to(device)
+    ref_head = copy.deepcopy(head)
+    ref = ref_head.to_reference()
+    x = torch.randn(B, C, s, s, device=device, requires_grad=True)
+    y = torch.randint(0, 10, (B,), device=device)
+    params = list(head.parameters())
+    ref_params = list(ref_head.parameters())
+    n_params = sum(p.numel() for p in params)
+    min_bytes = 2 * x.numel() * x.element_size() + 2 * n_params * 4
+
+    def fused_loss(xx, yy):
+        return head.loss(xx, yy)[0]
+
+    def ref_loss(xx, yy):
+        return F.cross_entropy(ref(xx), yy)
+
+    res = {"kind": kind, "shape": [B, C, s, s], "dtype": "bf16-autocast" if amp else "fp32", "params": n_params,
+           "min_mb": min_bytes / 1e6}
+    ref_step = make_step(ref_loss, ref_params, x, y, amp)
+    fused_step = make_step(fused_loss, params, x, y, amp)
+    res["ref_eager_us"] = time_us(ref_step, device, reps=reps)
+    res["fused_eager_us"] = time_us(fused_step, device, reps=reps)
+    if device.type == "cuda":
+        res["ref_graph_us"] = time_us(graph_of(ref_step, device), device, reps=reps)
+        res["fused_graph_us"] = time_us(graph_of(fused_step, device), device, reps=reps)
+    if compile_ref:
+        try:
+            compiled = torch.compile(ref_loss)
+            res["ref_compile_us"] = time_us(make_step(compiled, ref_params, x, y, amp), device, reps=reps)
+        except Exception as exc:  # record, do not hide, a compile failure
+            res["ref_compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    best = res.get("fused_graph_us", res["fused_eager_us"])
+    res["fused_best_gbs"] = min_bytes / best / 1e3
+    return res
+
+
+def markdown(header, ceiling, rows) -> str:
+    lines = [f"# Auxiliary-head forward + backward ({header['device']})", "",
+             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", "",
+             f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).", "",
+             "| kind | input | dtype | ref eager | ref graph | ref compile | fused eager | fused graph | "
+             "x vs ref graph | x vs ref eager | fused GB/s (% copy) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(r, k):
+        return f"{r[k]:.1f}" if k in r else "-"
+
+    for r in rows:
+        best = r.get("fused_graph_us", r["fused_eager_us"])
+        vs_graph = f"{r['ref_graph_us'] / best:.1f}x" if "ref_graph_us" in r else "-"
+        gbs = r["fused_best_gbs"]
+        lines.append(f"| {r['kind']} | {r['shape']} | {r['dtype']} | {f(r, 'ref_eager_us')} | {f(r, 'ref_graph_us')} | "
+                     f"{f(r, 'ref_compile_us')} | {f(r, 'fused_eager_us')} | {f(r, 'fused_graph_us')} | {vs_graph} | "
+                     f"{r['ref_eager_us'] / best:.1f}x | {gbs:.0f} ({100 * gbs / ceiling:.1f}%) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kinds", default="mlp-sr", help="comma-separated head kinds (mlp-sr, mlp, last)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    header = env_header(device)
+    kinds = args.kinds.split(",")
+    if args.quick:
+        stages, batches, reps = {"tiny": [(8, 4)]}, [4], 3
+    else:
+        stages, batches, reps = STAGES, [128, 512], 30
+    compile_ref = not (args.quick or args.no_compile)
+    ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
+    rows = [bench_case(device, kind, C, s, B, amp, compile_ref, reps)
+            for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches
+            for amp in ([False, True] if device.type == "cuda" or args.quick else [False])]
+    md = markdown(header, ceiling, rows)
+    print(md)
+    if not args.no_write:
+        print("wrote", *write_results("aux_head", device, {"header": header, "copy_gbs": ceiling, "rows": rows}, md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
