@@ -153,13 +153,15 @@ class ReplayBuffer:
 
     # ops -----------------------------------------------------------------------------------
     def push(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        """Store mini-batch ``h`` (shape ``batch_shape``) and its labels ``y`` at the ring's head."""
+        """Store mini-batch ``h`` (shape ``batch_shape``, any floating dtype: it is converted to the
+        storage dtype on the way in) and its labels ``y`` at the ring's head."""
         if not isinstance(h, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"ReplayBuffer.push expects tensors, got {type(h).__name__} and {type(y).__name__}")
         if tuple(h.shape) != self.batch_shape:
             raise ValueError(f"ReplayBuffer.push: expected activations of shape {list(self.batch_shape)}, got {list(h.shape)}")
-        if h.dtype != self.dtype:
-            raise ValueError(f"ReplayBuffer.push: expected activations of dtype {self.dtype}, got {h.dtype}")
+        if not h.dtype.is_floating_point:
+            raise ValueError(f"ReplayBuffer.push: expected floating-point activations (stored as {self.storage_dtype}), "
+                             f"got {h.dtype}")
         if h.device != self.device:
             raise ValueError(f"ReplayBuffer.push: expected activations on {self.device}, got {h.device}")
         if tuple(y.shape) != (self.batch_shape[0],):

@@ -6,6 +6,7 @@ This is the plain-PyTorch reference trainer: one stage after another on the curr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from . import ops
 from .buffer import ReplayBuffer
+from .engine import PipelinedEngine
 from .heads import AuxHead
 from .model import DecoupledModel
 
@@ -27,6 +29,8 @@ __all__ = ["Trainer", "StepOutput", "MODES", "SCHEDULES", "resolve_device", "def
 
 MODES = ("dgl", "sequential", "backprop", "async")
 SCHEDULES = ("random", "round_robin")
+ENGINES = ("auto", "sequential", "pipeline", "streams")
+AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_VERSION = 1
 
 
@@ -36,14 +40,17 @@ class StepOutput:
 
     Attributes:
         losses: [K] float32 mean loss of each stage's head; NaN for stages not trained this step.
-        correct: [K] int64 number of correct predictions of each head (0 where not run).
+            None under CUDA graphs, whose metrics accumulate on the device (read them with
+            :meth:`Trainer.fit`'s records or the engine's ``read_metrics``).
+        correct: [K] int64 number of correct predictions of each head (0 where not run; None
+            under CUDA graphs).
         batch_size: number of samples in the fresh batch.
         samples: samples each stage trained on in this step (host ints; in ``async`` mode a stage
             may run several times, or not at all, per fresh batch).
     """
 
-    losses: torch.Tensor
-    correct: torch.Tensor
+    losses: torch.Tensor | None
+    correct: torch.Tensor | None
     batch_size: int
     samples: tuple[int, ...] = ()
 
@@ -100,6 +107,18 @@ class Trainer:
             per fresh batch; with ``buffer_capacity=1`` and ``policy="fifo"`` this is exactly
             synchronous DGL).
         seed: seed of the async schedule's draws and of the ``uniform`` policy.
+        engine: how ``mode="dgl"`` schedules its stages: ``"sequential"`` (stage 1 to K on each
+            batch, the reference), ``"pipeline"`` (stage j trains on batch t - j at tick t; on CPU
+            its stages run in turn: the schedule logic of the streams engine), ``"streams"`` (the
+            pipeline with one CUDA stream per stage, CUDA only) or ``"auto"`` (streams on CUDA,
+            sequential elsewhere). Pipelined engines give the sequential engine's parameters; the
+            last batches leave the pipeline at the end of each epoch (or on :meth:`flush`).
+        cuda_graphs: replay one CUDA graph per stage step in the streams engine (default: on CUDA
+            with ``torch.optim.SGD`` optimizers and without fp16). The learning rate lives in a
+            device tensor, so schedules need no re-capture; a partial last batch runs eagerly.
+        amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast per stage (fp16 with a loss scaler per
+            stage; CUDA only).
+        channels_last: keep the model and its inputs in channels_last memory format.
 
     In ``async`` mode one :meth:`step` feeds one fresh batch: it runs scheduled stage ticks until
     stage 1 has consumed it. With ``max_reuse`` set, a stage finding its buffer used up skips
@@ -112,7 +131,9 @@ class Trainer:
     def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, mode: str = "dgl",
                  device="cpu", lr_schedule: Callable[[int], float] | None = None, *, buffer_capacity: int = 30,
                  policy: str = "priority_lifo", max_reuse: int | None = None, slowdown: dict | None = None,
-                 schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0):
+                 schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0,
+                 engine: str = "auto", cuda_graphs: bool | None = None, amp: str | None = None,
+                 channels_last: bool = False):
         if not isinstance(model, DecoupledModel):
             raise TypeError(f"Trainer expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
         if mode not in MODES:
@@ -140,8 +161,33 @@ class Trainer:
         if lr_schedule is not None and not callable(lr_schedule):
             raise TypeError("lr_schedule must be a callable epoch -> learning-rate factor")
         self.device = resolve_device(device)
+        cuda = self.device.type == "cuda"
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        if amp not in AMP:
+            raise ValueError(f"unknown amp {amp!r}; expected None, 'bf16' or 'fp16'")
+        if engine == "streams" and not cuda:
+            raise ValueError(f"engine='streams' needs a CUDA device, got device {self.device}; "
+                             "use engine='pipeline' (same schedule, stages in turn) or 'sequential'")
+        if cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
+        if amp == "fp16" and not cuda:
+            raise ValueError(f"amp='fp16' needs a CUDA device, got device {self.device}; use amp='bf16' on the CPU")
+        if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(self.device)}; use 'fp16'")
+        if amp == "fp16" and cuda_graphs:
+            raise ValueError("amp='fp16' needs a loss scaler whose inf checks sync the host, which CUDA graphs cannot "
+                             "capture; use amp='bf16' or cuda_graphs=False")
+        if engine in ("pipeline", "streams") and mode != "dgl":
+            raise ValueError(f"engine={engine!r} pipelines synchronous DGL (mode='dgl'), got mode={mode!r}")
+        if cuda_graphs and engine in ("sequential", "pipeline"):
+            raise ValueError(f"cuda_graphs=True runs in the streams engine, got engine={engine!r}")
         self.mode = mode
+        self.amp = AMP[amp]
+        self.channels_last = bool(channels_last)
         self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.lr_schedule = lr_schedule
         factory = optimizer or default_optimizer
         if mode == "backprop":
@@ -170,6 +216,18 @@ class Trainer:
         self._stage_epoch = [-1] * K
         self._batches_per_epoch: int | None = None
         self._has_bn = _has_batchnorm(model)
+        self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
+        if engine == "auto":
+            engine = "streams" if cuda and mode == "dgl" else "sequential"
+        if cuda_graphs is None:
+            cuda_graphs = (engine == "streams" and amp != "fp16"
+                           and all(type(o) is torch.optim.SGD for o in self.optimizers))
+        if cuda_graphs and not all(type(o) is torch.optim.SGD for o in self.optimizers):
+            raise ValueError("cuda_graphs=True captures torch.optim.SGD steps; the optimizer factory returned "
+                             f"{type(self.optimizers[0]).__name__} (use cuda_graphs=False)")
+        self.engine_name, self.cuda_graphs = engine, bool(cuda_graphs)
+        self._engine = (PipelinedEngine(self, streams=engine == "streams", graphs=self.cuda_graphs)
+                        if engine in ("pipeline", "streams") else None)
         self._input_shape = model.input_shape
         self._num_classes = None
         self._stage_shapes = None
@@ -210,8 +268,39 @@ class Trainer:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"expected labels in [0, {self._num_classes}), got {bad}")
         x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device, dtype=torch.long, non_blocking=True)
         return x, y
+
+    def _autocast(self):
+        """Autocast context of the trainer's ``amp`` setting (a no-op without amp)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _backward_step(self, j: int, loss: torch.Tensor) -> None:
+        """Backward of one stage's loss and its optimizer's step (through a loss scaler for fp16)."""
+        opt = self.optimizers[j]
+        if self._scalers is not None:
+            scaler = self._scalers[j]
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _train_stage(self, j: int, h_in: torch.Tensor, y: torch.Tensor):
+        """One optimizer step of stage j and head j on input ``h_in`` (no gradient flows into it).
+
+        Returns ``(h_out, loss, correct)``, ``h_out`` detached: the hand-off to stage j + 1."""
+        with self._autocast():
+            h = self.model.stages[j](h_in.detach())
+            loss, corr = self._head_loss(j, h, y)
+        self._backward_step(j, loss)
+        return h.detach(), loss.detach().float(), corr
 
     def _head_loss(self, j: int, h: torch.Tensor, y: torch.Tensor):
         head = self.model.heads[j]
@@ -235,6 +324,8 @@ class Trainer:
         self._set_train_modes()
         if self.mode == "async":
             return self._step_async(x, y)
+        if self._engine is not None:
+            return self._step_engine(x, y)
         K = self.model.num_stages
         nan = torch.full((), math.nan, device=self.device)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
@@ -243,32 +334,21 @@ class Trainer:
         if self.mode == "dgl":
             h = x
             for j in range(K):
-                h = stages[j](h.detach())
-                loss, corr = self._head_loss(j, h, y)
-                loss.backward()
-                self.optimizers[j].step()
-                self.optimizers[j].zero_grad(set_to_none=True)
-                losses[j], correct[j] = loss.detach(), corr
+                h, losses[j], correct[j] = self._train_stage(j, h, y)
         elif self.mode == "sequential":
             j = self.active_stage
             h = x
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 for i in range(j):
                     h = stages[i](h)
-            h = stages[j](h)
-            loss, corr = self._head_loss(j, h, y)
-            loss.backward()
-            self.optimizers[j].step()
-            self.optimizers[j].zero_grad(set_to_none=True)
-            losses[j], correct[j] = loss.detach(), corr
+            _, losses[j], correct[j] = self._train_stage(j, h, y)
         else:  # backprop
             h = x
-            for stage in stages:
-                h = stage(h)
-            loss, corr = self._head_loss(K - 1, h, y)
-            loss.backward()
-            self.optimizers[0].step()
-            self.optimizers[0].zero_grad(set_to_none=True)
+            with self._autocast():
+                for stage in stages:
+                    h = stage(h)
+                loss, corr = self._head_loss(K - 1, h, y)
+            self._backward_step(0, loss)
             losses[K - 1], correct[K - 1] = loss.detach(), corr
         self.global_step += 1
         B = x.shape[0]
@@ -280,6 +360,30 @@ class Trainer:
         for j, n in enumerate(samples):
             self.stage_steps[j] += n > 0
         return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), B, samples)
+
+    # ------------------------------------------------------------------ pipelined engines
+
+    def _step_engine(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        res = self._engine.feed(x, y)
+        self.global_step += 1
+        return self._tick_output(res, x.shape[0])
+
+    def _tick_output(self, res, batch_size: int) -> StepOutput:
+        if res.losses is None:  # graph ticks keep their metrics in device accumulators only
+            return StepOutput(None, None, batch_size, res.samples)
+        self._engine.sync_to_current()
+        nan = torch.full((), math.nan, device=self.device)
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        losses = torch.stack([v if v is not None else nan for v in res.losses])
+        correct = torch.stack([v if v is not None else zero for v in res.correct])
+        return StepOutput(losses, correct, batch_size, res.samples)
+
+    def flush(self) -> None:
+        """Let every batch inside a pipelined engine finish its remaining stages (a no-op for the
+        other engines). :meth:`fit` flushes at the end of each epoch."""
+        if self._engine is not None:
+            self._engine.flush()
+            self._engine.sync_to_current()
 
     # ------------------------------------------------------------------ async DGL
 
@@ -304,15 +408,11 @@ class Trainer:
                 self._stage_epoch[j] = epoch
                 for group in self.optimizers[j].param_groups:
                     group["lr"] = group["initial_lr"] * float(self._stage_schedule(epoch))
-        h = self.model.stages[j](x)
-        loss, corr = self._head_loss(j, h, y)
-        loss.backward()
-        self.optimizers[j].step()
-        self.optimizers[j].zero_grad(set_to_none=True)
+        h, loss, corr = self._train_stage(j, x, y)
         if j < self.model.num_stages - 1:
-            self.buffers[j].push(h.detach(), y)
+            self.buffers[j].push(h, y)
         self.stage_steps[j] += 1
-        return loss.detach(), corr, x.shape[0]
+        return loss, corr, x.shape[0]
 
     def _step_async(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         K = self.model.num_stages
@@ -354,9 +454,12 @@ class Trainer:
 
     def set_lr_factor(self, factor: float) -> None:
         """Set every optimizer's learning rate to its initial value times ``factor``."""
+        self.flush()  # batches in flight finish with the learning rate they started with
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
+        if self._engine is not None:
+            self._engine.on_lr_change()
 
     def fit(self, train_loader: Iterable, epochs: int, lr_schedule: Callable[[int], float] | None = None,
             eval_loader: Iterable | None = None, log_every: int = 20, progress: bool = True,
@@ -389,7 +492,7 @@ class Trainer:
                 self.set_lr_factor(factor)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(self.epoch)
-            loss_sum = torch.zeros(K, device=self.device)
+            loss_sum = torch.zeros(K, dtype=torch.float64, device=self.device)
             hits = torch.zeros(K, dtype=torch.long, device=self.device)
             seen, per_stage = 0, [0] * K
             batch_size = None
@@ -402,20 +505,30 @@ class Trainer:
                     if x.shape[0] != batch_size:
                         continue  # async buffers hold fixed-size batches: a final partial batch is skipped
                 out = self.step(x, y)
-                weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
-                loss_sum += torch.nan_to_num(out.losses) * weights
-                hits += out.correct
                 seen += out.batch_size
-                per_stage = [a + b for a, b in zip(per_stage, out.samples)]
+                if self._engine is None:
+                    weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
+                    loss_sum += torch.nan_to_num(out.losses) * weights
+                    hits += out.correct
+                    per_stage = [a + b for a, b in zip(per_stage, out.samples)]
                 if progress and (i + 1) % log_every == 0:
-                    ls, hs = loss_sum.tolist(), hits.tolist()
+                    if self._engine is not None:
+                        means, hs, per_stage = self._engine.read_metrics(reset=False)
+                        ls = [m * n for m, n in zip(means, per_stage)]
+                    else:
+                        ls, hs = loss_sum.tolist(), hits.tolist()
                     bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / per_stage[j]:.3f}/{100 * hs[j] / per_stage[j]:.1f}%"
                                                  for j in range(K) if per_stage[j]))
             bar.close()
             if seen == 0:
                 raise ValueError("the training loader yielded no batch")
+            if self._engine is not None:
+                self.flush()
+                means, hs, per_stage = self._engine.read_metrics(reset=True)
+                ls = [m * n for m, n in zip(means, per_stage)]
+            else:
+                ls, hs = loss_sum.tolist(), hits.tolist()
             elapsed = time.perf_counter() - start
-            ls, hs = loss_sum.tolist(), hits.tolist()
             losses = [ls[j] / per_stage[j] if per_stage[j] else None for j in range(K)]
             record = {
                 "epoch": self.epoch + 1,
@@ -439,6 +552,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> list[float]:
         """Accuracy of every head on ``loader`` (inference, eval mode); the last is the network's."""
+        self.flush()
         modes = [m.training for m in self.model.modules()]
         self.model.eval()
         K = self.model.num_stages
@@ -447,8 +561,12 @@ class Trainer:
         try:
             for x, y in loader:
                 x = x.to(self.device, non_blocking=True)
+                if self.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(self.device, dtype=torch.long, non_blocking=True)
-                for j, logits in enumerate(self.model.forward_all(x)):
+                with self._autocast():
+                    all_logits = self.model.forward_all(x)
+                for j, logits in enumerate(all_logits):
                     hits[j] += (logits.argmax(dim=1) == y).sum()
                 seen += x.shape[0]
         finally:
@@ -462,6 +580,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Model, optimizers, schedule position (epoch, step, active stage), history and RNG states."""
+        self.flush()
         np_state = np.random.get_state()
         rng = {
             "torch": torch.get_rng_state(),

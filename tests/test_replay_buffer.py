@@ -89,6 +89,14 @@ def test_low_precision_storage(device, storage_dtype):
     torch.testing.assert_close(h, x.to(storage_dtype).float(), rtol=0, atol=0)
 
 
+def test_push_converts_dtype(device):
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    buf = ReplayBuffer(2, (3, 4), device=device)
+    buf.push(x, torch.arange(3, device=device))
+    h, _ = buf.sample()
+    assert h.dtype == torch.float32 and torch.equal(h, x.float())
+
+
 def test_non_contiguous_push(device):
     x = torch.randn(4, 6, 5, device=device).transpose(1, 2)
     buf = ReplayBuffer(2, (4, 5, 6), device=device)
@@ -167,7 +175,7 @@ def test_bad_construction(kwargs, exc, match):
 
 @pytest.mark.parametrize("h,y,match", [
     (torch.randn(4, 2), torch.arange(4), r"expected activations of shape \[4, 3\], got \[4, 2\]"),
-    (torch.randn(4, 3).double(), torch.arange(4), "expected activations of dtype torch.float32, got torch.float64"),
+    (torch.randint(0, 3, (4, 3)), torch.arange(4), "expected floating-point activations .* got torch.int64"),
     (torch.randn(4, 3), torch.arange(5), r"expected labels of shape \[4\], got \[5\]"),
     (torch.randn(4, 3), torch.arange(4).int(), "expected int64 labels, got torch.int32"),
 ])

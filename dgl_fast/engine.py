@@ -1,0 +1,365 @@
+"""Stage engines: how a Trainer schedules the K stage steps of synchronous DGL.
+
+- ``SequentialEngine`` is the reference (no class needed: ``Trainer.step`` runs stage 1 to K on
+  one batch, one after another).
+- :class:`PipelinedEngine` runs the pipelined schedule: at tick t stage j trains on batch t - j,
+  so all K stages have work at once. Stage j's input for batch b is what stage j - 1 produced
+  for batch b one tick earlier, after exactly the updates it has in the sequential loop, so the
+  parameters are the same as the sequential trainer's (PAPER.md section 1). On the CPU
+  (``engine="pipeline"``) the stages of a tick run one after another: the schedule logic that CI
+  tests. On CUDA (``engine="streams"``) each stage runs on its own stream, ordered only by events
+  (stage j at tick t waits for stage j - 1 at tick t - 1), and with ``cuda_graphs=True`` each stage
+  step (forward, head, loss, backward, optimizer step, metrics) replays a CUDA graph.
+
+Hand-offs between stages: eager mode passes fresh tensors (their lifetime across streams is
+declared with ``record_stream``); graph mode uses static buffers double-buffered by batch
+parity: stage j writes ``out[j][b % 2]`` for batch b while stage j + 1 reads ``out[j][(b - 1) % 2]``.
+Stage j at tick t therefore also waits for stage j + 1 at tick t - 1 (the reader of the buffer it
+is about to overwrite). Metrics accumulate on the device, in the graphs themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PipelinedEngine", "GraphSGD", "TickResult"]
+
+
+@dataclass
+class TickResult:
+    """What one tick trained: for each stage, the batch index it worked on (None if idle), the
+    samples, and (eager ticks only) the loss and correct-count tensors of each stage that ran."""
+
+    batches: list[int | None]
+    samples: tuple[int, ...]
+    losses: list | None = None
+    correct: list | None = None
+
+
+class GraphSGD:
+    """A CUDA-graph-capturable step of a ``torch.optim.SGD``: the learning rate lives in a device
+    tensor (``lr``), so a schedule changes it with ``set_lr`` and no re-capture.
+
+    Same update as ``torch.optim.SGD`` (weight decay, momentum, dampening, Nesterov), on the
+    optimizer's own parameters and momentum buffers (which must exist: take one eager step first).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, device: torch.device):
+        if type(opt) is not torch.optim.SGD:
+            raise ValueError(f"CUDA graphs capture torch.optim.SGD steps; got {type(opt).__name__} "
+                             "(use cuda_graphs=False for other optimizers)")
+        self.opt = opt
+        self.lr = [torch.tensor(float(g["lr"]), device=device) for g in opt.param_groups]
+        for g in opt.param_groups:
+            if g.get("maximize", False):
+                raise ValueError("GraphSGD does not support maximize=True")
+
+    def set_lr(self) -> None:
+        """Copy the optimizer's current (host) learning rates into the device tensors."""
+        for t, g in zip(self.lr, self.opt.param_groups):
+            t.fill_(float(g["lr"]))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for lr, g in zip(self.lr, self.opt.param_groups):
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd, mom, damp, nesterov = g["weight_decay"], g["momentum"], g["dampening"], g["nesterov"]
+            if wd != 0:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if mom != 0:
+                bufs = []
+                for p in params:
+                    buf = self.opt.state[p].get("momentum_buffer")
+                    if buf is None:
+                        raise RuntimeError("GraphSGD needs momentum buffers: run one eager optimizer step first")
+                    bufs.append(buf)
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, grads, alpha=1 - damp)
+                grads = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
+            torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+    def zero_grad(self) -> None:
+        for g in self.opt.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+
+class _StageGraphs:
+    """The two CUDA graphs (one per batch parity) of one stage step, and their static buffers."""
+
+    def __init__(self):
+        self.graphs: list[torch.cuda.CUDAGraph | None] = [None, None]
+        self.inputs: list[torch.Tensor | None] = [None, None]  # stage 0 only: its own input buffers
+        self.outputs: list[torch.Tensor | None] = [None, None]
+        self.labels: list[torch.Tensor | None] = [None, None]
+
+
+class PipelinedEngine:
+    """Pipelined synchronous DGL over a :class:`~dgl_fast.Trainer`'s model and optimizers.
+
+    Args:
+        trainer: the trainer whose stages, heads, optimizers and amp settings are used.
+        streams: one CUDA stream per stage (CUDA only); False runs a tick's stages in order.
+        graphs: replay one CUDA graph per stage step after ``warmup`` eager ticks (CUDA only).
+    """
+
+    def __init__(self, trainer, streams: bool, graphs: bool, warmup: int = 3):
+        self.tr = trainer
+        self.K = trainer.model.num_stages
+        self.device = trainer.device
+        cuda = self.device.type == "cuda"
+        if (streams or graphs) and not cuda:
+            raise ValueError("CUDA streams and graphs need a CUDA device")
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(self.K)] if streams else None
+        self.use_graphs = graphs
+        self.warmup = warmup
+        self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch) waiting for stage j
+        self.next_batch = 0  # index of the next batch fed
+        self.ticks = 0
+        self.done = [None] * self.K  # event: stage j finished its last tick
+        # device-side metric accumulators, one per stage
+        self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        self.correct_sum = torch.zeros(self.K, dtype=torch.long, device=self.device)
+        self.samples = [0] * self.K
+        self._graph_state: list[_StageGraphs] | None = None
+        self._graph_shape = None
+        self._eager_ticks = 0
+        self._graph_opts: list[GraphSGD] | None = None
+        self._in_flight_graph: list[int | None] = [None] * self.K  # batch index in static buffers
+
+    # ------------------------------------------------------------------ helpers
+
+    def _stream(self, j: int):
+        return self.streams[j] if self.streams is not None else None
+
+    def _wait_neighbours(self, j: int) -> None:
+        if self.streams is None:
+            return
+        s = self.streams[j]
+        for k in (j - 1, j + 1):
+            if 0 <= k < self.K and self.done[k] is not None:
+                s.wait_event(self.done[k])
+
+    def _record_done(self, j: int) -> None:
+        if self.streams is None:
+            return
+        ev = torch.cuda.Event()
+        ev.record(self.streams[j])
+        self.done[j] = ev
+
+    def _accumulate(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.loss_sum[j] += loss.double() * n
+        self.correct_sum[j] += correct
+        self.samples[j] += n
+
+    def idle(self) -> bool:
+        """True when no batch is inside the pipeline."""
+        return all(p is None for p in self.pending) and all(b is None for b in self._in_flight_graph)
+
+    # ------------------------------------------------------------------ eager ticks
+
+    def _eager_tick(self, fresh) -> TickResult:
+        inputs = list(self.pending)
+        inputs[0] = fresh
+        nxt: list[tuple | None] = [None] * self.K
+        batches: list[int | None] = [None] * self.K
+        samples = [0] * self.K
+        losses: list = [None] * self.K
+        hits: list = [None] * self.K
+        for j in reversed(range(self.K)):  # any order is valid: a tick's stages are independent
+            if inputs[j] is None:
+                continue
+            h_in, y, b = inputs[j]
+            stream = self._stream(j)
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+            with ctx:
+                self._wait_neighbours(j)
+                if stream is not None:
+                    if j == 0:  # the fresh batch was made on the caller's stream
+                        stream.wait_stream(torch.cuda.current_stream(self.device))
+                    h_in.record_stream(stream)
+                    y.record_stream(stream)
+                h_out, loss, correct = self.tr._train_stage(j, h_in, y)
+                self._accumulate(j, loss, correct, y.shape[0])
+                self._record_done(j)
+            if stream is not None:
+                cur = torch.cuda.current_stream(self.device)
+                loss.record_stream(cur)
+                correct.record_stream(cur)
+            if j + 1 < self.K:
+                nxt[j + 1] = (h_out, y, b)
+            batches[j], samples[j] = b, y.shape[0]
+            losses[j], hits[j] = loss, correct
+            self.tr.stage_steps[j] += 1
+        self.pending = nxt
+        self.ticks += 1
+        return TickResult(batches, tuple(samples), losses, hits)
+
+    # ------------------------------------------------------------------ graph ticks
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Capture each stage's step for both batch parities (the pipeline is empty)."""
+        tr, dev = self.tr, self.device
+        self._graph_opts = [GraphSGD(opt, dev) for opt in tr.optimizers]
+        for o in self._graph_opts:
+            o.set_lr()
+        state = [_StageGraphs() for _ in range(self.K)]
+        shapes = [tuple(x.shape)]
+        with torch.no_grad():  # per-stage output shapes, without touching BN statistics
+            was = [m.training for m in tr.model.modules()]
+            tr.model.eval()
+            h = x
+            with tr._autocast():
+                for j in range(self.K - 1):
+                    h = tr.model.stages[j](h)
+                    shapes.append(tuple(h.shape))
+            for m, t in zip(tr.model.modules(), was):
+                m.training = t
+        for p in range(2):
+            state[0].inputs[p] = torch.empty_like(x)
+        for j in range(self.K):
+            for p in range(2):
+                state[j].labels[p] = torch.empty_like(y)
+        for j in range(self.K):
+            stream = self.streams[j]
+            for p in range(2):
+                src = state[0].inputs[p] if j == 0 else state[j - 1].outputs[p]
+                if j < self.K - 1:
+                    state[j].outputs[p] = torch.empty(shapes[j + 1], device=dev,
+                                                      dtype=src.dtype if tr.amp is None else tr.amp)
+                g = torch.cuda.CUDAGraph()
+                stream.wait_stream(torch.cuda.current_stream(dev))
+                for opt in tr.optimizers:
+                    opt.zero_grad(set_to_none=True)
+                with torch.cuda.graph(g, stream=stream):
+                    self._graph_body(j, src, state[j].labels[p], state[j].outputs[p])
+                state[j].graphs[p] = g
+        torch.cuda.current_stream(dev).wait_stream(self.streams[-1])
+        for s in self.streams:
+            torch.cuda.current_stream(dev).wait_stream(s)
+        self._graph_state = state
+        self._graph_shape = tuple(x.shape)
+
+    def _graph_body(self, j: int, h_in, y, out) -> None:
+        tr = self.tr
+        with tr._autocast():
+            h = tr.model.stages[j](h_in)
+            loss, correct = tr._head_loss(j, h, y)
+        loss.backward()
+        self._graph_opts[j].step()
+        self._graph_opts[j].zero_grad()
+        if out is not None:
+            out.copy_(h.detach())
+        self.loss_sum[j] += loss.detach().double() * y.shape[0]
+        self.correct_sum[j] += correct
+
+    def _graph_tick(self, fresh) -> TickResult:
+        st = self._graph_state
+        batches: list[int | None] = [None] * self.K
+        samples = [0] * self.K
+        # stage j takes over the batch stage j - 1 held in the previous tick
+        inflight = [None] + self._in_flight_graph[:-1]
+        if fresh is not None:
+            x, y, b = fresh
+            inflight[0] = b
+        for j in reversed(range(self.K)):
+            b = inflight[j]
+            if b is None:
+                continue
+            p = b % 2
+            stream = self.streams[j]
+            with torch.cuda.stream(stream):
+                self._wait_neighbours(j)
+                if j == 0:
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    x.record_stream(stream)
+                    y.record_stream(stream)
+                    st[0].inputs[p].copy_(x, non_blocking=True)
+                    st[0].labels[p].copy_(y, non_blocking=True)
+                else:
+                    st[j].labels[p].copy_(st[j - 1].labels[p], non_blocking=True)
+                st[j].graphs[p].replay()
+                self._record_done(j)
+            batches[j], samples[j] = b, self._graph_shape[0]
+            self.samples[j] += self._graph_shape[0]
+            self.tr.stage_steps[j] += 1
+        self._in_flight_graph = inflight
+        self.ticks += 1
+        return TickResult(batches, tuple(samples))
+
+    # ------------------------------------------------------------------ public
+
+    def feed(self, x: torch.Tensor, y: torch.Tensor) -> TickResult:
+        """Put one (checked, on-device) batch into the pipeline and run one tick."""
+        b = self.next_batch
+        self.next_batch += 1
+        if not self.use_graphs:
+            return self._eager_tick((x, y, b))
+        if self._graph_state is not None and tuple(x.shape) != self._graph_shape:
+            # a partial or re-shaped batch: drain, then run it through the eager pipeline
+            self.flush()
+            self._eager_ticks = 0
+            if tuple(x.shape)[0] < self._graph_shape[0]:
+                res = self._eager_tick((x, y, b))
+                self.flush()
+                return res
+            self._graph_state = None
+        if self._graph_state is None:
+            if self._eager_ticks < self.warmup:
+                self._eager_ticks += 1
+                return self._eager_tick((x, y, b))
+            self.flush()
+            self._capture(x, y)
+        return self._graph_tick((x, y, b))
+
+    def flush(self) -> list[TickResult]:
+        """Run ticks without new batches until every batch has left the pipeline."""
+        out = []
+        while not all(p is None for p in self.pending):
+            out.append(self._eager_tick(None))
+        while any(b is not None for b in self._in_flight_graph):
+            out.append(self._graph_tick(None))
+        return out
+
+    def sync_to_current(self) -> None:
+        """Make the current stream wait for every stage's last work (no host wait)."""
+        if self.streams is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        for ev in self.done:
+            if ev is not None:
+                cur.wait_event(ev)
+
+    def read_metrics(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
+        """Per-stage (mean loss, correct, samples) since the last reset; a host sync."""
+        if self.streams is not None:
+            torch.cuda.synchronize(self.device)
+        sums, hits = self.loss_sum.tolist(), self.correct_sum.tolist()
+        samples = list(self.samples)
+        if reset:
+            self.loss_sum.zero_()
+            self.correct_sum.zero_()
+            self.samples = [0] * self.K
+        means = [s / n if n else math.nan for s, n in zip(sums, samples)]
+        return means, hits, samples
+
+    def on_lr_change(self) -> None:
+        """Push the optimizers' learning rates to the captured graphs' device tensors."""
+        if self._graph_opts is not None:
+            for o in self._graph_opts:
+                o.set_lr()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,192 @@
+"""Stage engines: the pipelined schedule reproduces the sequential trainer; streams and CUDA
+graphs (GPU) do too; bad settings give clear errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import dgl_fast
+from dgl_fast.engine import GraphSGD
+from helpers import assert_same_state, batches, sgd, small_model
+
+
+def _run(model, data, **kw):
+    trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, **kw)
+    outs = [trainer.step(x, y) for x, y in data]
+    trainer.flush()
+    return trainer, outs
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("fused", [False, True])
+def test_pipeline_equals_sequential_exactly(K, fused):
+    model = small_model(K, seed=K, aux="mlp-sr", fused=fused)
+    data = batches(7)  # more batches than stages, and not a multiple of K
+    seq, seq_outs = _run(model, data, engine="sequential")
+    pipe, pipe_outs = _run(model, data, engine="pipeline")
+    assert_same_state(pipe.model, seq.model, rtol=0, atol=0)
+    assert pipe.stage_steps == seq.stage_steps == [7] * K
+    # tick t trains stage j on batch t - j: its loss is the sequential loss of that batch
+    for t, out in enumerate(pipe_outs):
+        for j in range(K):
+            b = t - j
+            if b >= 0:
+                torch.testing.assert_close(out.losses[j], seq_outs[b].losses[j], rtol=0, atol=0)
+                assert out.samples[j] == 6
+            else:
+                assert math.isnan(out.losses[j]) and out.samples[j] == 0
+
+
+def test_pipeline_partial_batch_and_optimizer_state():
+    model = small_model(3, seed=1)
+    data = batches(5) + [(x[:4], y[:4]) for x, y in batches(1, seed=9)]  # a partial last batch
+    seq, _ = _run(model, data, engine="sequential")
+    pipe, _ = _run(model, data, engine="pipeline")
+    assert_same_state(pipe.model, seq.model, rtol=0, atol=0)
+    for a, b in zip(pipe.optimizers, seq.optimizers):
+        for p_a, p_b in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+            torch.testing.assert_close(a.state[p_a]["momentum_buffer"], b.state[p_b]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_pipeline_fit_matches_sequential_fit_across_lr_changes():
+    from dgl_fast import data
+
+    spec = data.load("synthetic", batch_size=32, in_size=8, num_classes=3, synthetic_size=200, seed=0)
+    model = dgl_fast.models.build("aux-study", num_classes=3, depth=3, width=8, in_size=8, aux="mlp")
+    runs = {}
+    for engine in ("sequential", "pipeline"):
+        tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine=engine)
+        recs = tr.fit(spec.train, epochs=3, lr_schedule=lambda e: 0.5 ** e, eval_loader=spec.test, progress=False)
+        runs[engine] = (tr, recs)
+    (seq, rs), (pipe, rp) = runs["sequential"], runs["pipeline"]
+    assert_same_state(pipe.model, seq.model, rtol=0, atol=0)
+    for a, b in zip(rs, rp):
+        assert a["lr"] == b["lr"] and a["stage_samples"] == b["stage_samples"]
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+
+
+def test_evaluate_and_save_flush_the_pipeline(tmp_path):
+    model = small_model(3, seed=2)
+    tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline")
+    for x, y in batches(2):
+        tr.step(x, y)
+    assert not tr._engine.idle()
+    tr.save(tmp_path / "ck.pt")
+    assert tr._engine.idle() and tr.stage_steps == [2, 2, 2]
+    seq, _ = _run(model, batches(2), engine="sequential")
+    assert_same_state(tr.model, seq.model, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [(0.9, 0.0, False, 5e-4), (0.9, 0.1, False, 0.0),
+                                                            (0.8, 0.0, True, 1e-3), (0.0, 0.0, False, 1e-4)])
+def test_graph_sgd_step_equals_torch_sgd(momentum, dampening, nesterov, wd):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd)
+    ours, ref = torch.optim.SGD(params, **kw), torch.optim.SGD(twins, **kw)
+    graph_step = None
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, t, g in zip(params, twins, grads):
+            p.grad, t.grad = g.clone(), g.clone()
+        if step == 2:  # a schedule change reaches the device tensor
+            for o in (ours, ref):
+                o.param_groups[0]["lr"] = 0.02
+            graph_step.set_lr()
+        ref.step()
+        if step == 0:
+            ours.step()  # the eager first step creates the momentum buffers
+            graph_step = GraphSGD(ours, torch.device("cpu"))
+        else:
+            graph_step.step()
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-7)
+
+
+def test_graph_sgd_rejects_other_optimizers():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises(ValueError, match="CUDA graphs capture torch.optim.SGD steps; got Adam"):
+        GraphSGD(opt, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(engine="streams"), "engine='streams' needs a CUDA device, got device cpu"),
+    (dict(cuda_graphs=True), "cuda_graphs=True needs a CUDA device, got device cpu"),
+    (dict(amp="fp16"), "amp='fp16' needs a CUDA device, got device cpu"),
+    (dict(amp="int8"), "unknown amp 'int8'"),
+    (dict(engine="warp"), "unknown engine 'warp'; expected one of auto, sequential, pipeline, streams"),
+    (dict(engine="pipeline", mode="backprop"), "engine='pipeline' pipelines synchronous DGL"),
+])
+def test_bad_engine_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        dgl_fast.Trainer(small_model(2), optimizer=sgd, **kw)
+
+
+def test_auto_is_sequential_on_cpu_and_bf16_autocast_runs():
+    tr = dgl_fast.Trainer(small_model(2, fused=True), optimizer=sgd, amp="bf16", channels_last=True)
+    assert tr.engine_name == "sequential" and not tr.cuda_graphs
+    x, y = batches(1)[0]
+    out = tr.step(x, y)
+    assert torch.isfinite(out.losses).all() and out.losses.dtype == torch.float32
+    assert tr.model.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+
+
+# --- CUDA (skipped without a GPU) ---------------------------------------------------------------
+
+
+def _deterministic():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_streams_engine_equals_sequential_on_gpu(graphs):
+    _deterministic()
+    dev = torch.device("cuda")
+    model = small_model(4, seed=3, aux="mlp-sr", fused=True)
+    data = [(x.to(dev), y.to(dev)) for x, y in batches(12)]
+    seq, _ = _run(model, data, device="cuda", engine="sequential")
+    streams, _ = _run(model, data, device="cuda", engine="streams", cuda_graphs=graphs)
+    assert streams.cuda_graphs == graphs
+    if graphs:
+        assert streams._engine._graph_state is not None  # it really replayed graphs
+    assert_same_state(streams.model, seq.model, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_graphs_across_lr_change_and_partial_batch():
+    _deterministic()
+    from dgl_fast import data
+
+    spec = data.load("synthetic", batch_size=32, in_size=8, num_classes=3, synthetic_size=200, seed=0, device="cuda")
+    model = dgl_fast.models.build("aux-study", num_classes=3, depth=3, width=8, in_size=8, aux="mlp")
+    out = {}
+    for engine in ("sequential", "streams"):
+        tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine=engine, device="cuda")
+        out[engine] = (tr, tr.fit(spec.train, epochs=3, lr_schedule=lambda e: 0.5 ** e, progress=False))
+    (seq, rs), (gr, rg) = out["sequential"], out["streams"]
+    assert gr.cuda_graphs and len(spec.train.x) % 32 != 0  # a partial last batch every epoch
+    assert_same_state(gr.model, seq.model, rtol=1e-5, atol=1e-6)
+    for a, b in zip(rs, rg):
+        assert a["stage_samples"] == b["stage_samples"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.cuda
+def test_bf16_channels_last_streams_runs():
+    dev = torch.device("cuda")
+    model = small_model(3, seed=4, aux="mlp-sr", fused=True)
+    tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, device="cuda", amp="bf16", channels_last=True)
+    for x, y in batches(8):
+        tr.step(x.to(dev), y.to(dev))
+    tr.flush()
+    means, _, samples = tr._engine.read_metrics()
+    assert all(math.isfinite(m) for m in means) and samples == [48, 48, 48]
