@@ -133,6 +133,8 @@ class PipelinedEngine:
         self._eager_ticks = 0
         self._graph_opts: list[GraphSGD] | None = None
         self._in_flight_graph: list[int | None] = [None] * self.K  # batch index in static buffers
+        #: set to a list to record (stage, batch, start event, end event) of every stage step (CUDA)
+        self.trace: list | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -153,6 +155,19 @@ class PipelinedEngine:
         ev = torch.cuda.Event()
         ev.record(self.streams[j])
         self.done[j] = ev
+
+    def _trace_start(self, j: int):
+        if self.trace is None or self.streams is None:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.streams[j])
+        return ev
+
+    def _trace_end(self, j: int, b: int, start) -> None:
+        if start is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(self.streams[j])
+            self.trace.append((j, b, start, ev))
 
     def _accumulate(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
         self.loss_sum[j] += loss.double() * n
@@ -186,9 +201,11 @@ class PipelinedEngine:
                         stream.wait_stream(torch.cuda.current_stream(self.device))
                     h_in.record_stream(stream)
                     y.record_stream(stream)
+                start = self._trace_start(j)
                 h_out, loss, correct = self.tr._train_stage(j, h_in, y)
                 self._accumulate(j, loss, correct, y.shape[0])
                 self._record_done(j)
+                self._trace_end(j, b, start)
             if stream is not None:
                 cur = torch.cuda.current_stream(self.device)
                 loss.record_stream(cur)
@@ -285,8 +302,10 @@ class PipelinedEngine:
                     st[0].labels[p].copy_(y, non_blocking=True)
                 else:
                     st[j].labels[p].copy_(st[j - 1].labels[p], non_blocking=True)
+                start = self._trace_start(j)
                 st[j].graphs[p].replay()
                 self._record_done(j)
+                self._trace_end(j, b, start)
             batches[j], samples[j] = b, self._graph_shape[0]
             self.samples[j] += self._graph_shape[0]
             self.tr.stage_steps[j] += 1

@@ -15,6 +15,12 @@ def test_bench_aux_head_quick(capsys):
     assert "fused eager" in out and out.count("| mlp-sr |") == 2 and out.count("| last |") == 2
 
 
+def test_bench_overlap_quick(capsys):
+    assert cli.main(["bench", "overlap", "--quick", "--no-write", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| aux-study-k3 | 3 | 8 | fp32 |" in out and "dgl_pipeline_cpu" in out
+
+
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
-    assert "no benchmark 'nosuch'; expected one of aux_head, replay" in capsys.readouterr().err
+    assert "no benchmark 'nosuch'; expected one of aux_head, overlap, replay" in capsys.readouterr().err
