@@ -107,12 +107,14 @@ class Trainer:
             per fresh batch; with ``buffer_capacity=1`` and ``policy="fifo"`` this is exactly
             synchronous DGL).
         seed: seed of the async schedule's draws and of the ``uniform`` policy.
-        engine: how ``mode="dgl"`` schedules its stages: ``"sequential"`` (stage 1 to K on each
-            batch, the reference), ``"pipeline"`` (stage j trains on batch t - j at tick t; on CPU
-            its stages run in turn: the schedule logic of the streams engine), ``"streams"`` (the
-            pipeline with one CUDA stream per stage, CUDA only) or ``"auto"`` (streams on CUDA,
-            sequential elsewhere). Pipelined engines give the sequential engine's parameters; the
-            last batches leave the pipeline at the end of each epoch (or on :meth:`flush`).
+        engine: how stages are scheduled: ``"sequential"`` (stage 1 to K on each batch, the
+            reference), ``"pipeline"`` (``mode="dgl"``: stage j trains on batch t - j at tick t; on
+            CPU its stages run in turn: the schedule logic of the streams engine), ``"streams"``
+            (CUDA only: the pipeline with one stream per stage; with ``mode="async"``, every stage
+            free-runs on its own stream between its replay buffers, and the host never waits) or
+            ``"auto"`` (streams on CUDA, sequential elsewhere). Pipelined engines give the
+            sequential engine's parameters; the last batches leave the pipeline at the end of
+            each epoch (or on :meth:`flush`).
         cuda_graphs: replay one CUDA graph per stage step in the streams engine (default: on CUDA
             with ``torch.optim.SGD`` optimizers and without fp16). The learning rate lives in a
             device tensor, so schedules need no re-capture; a partial last batch runs eagerly.
@@ -166,6 +168,14 @@ class Trainer:
             raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if amp not in AMP:
             raise ValueError(f"unknown amp {amp!r}; expected None, 'bf16' or 'fp16'")
+        if engine == "pipeline" and mode != "dgl":
+            raise ValueError(f"engine='pipeline' pipelines synchronous DGL (mode='dgl'), got mode={mode!r}")
+        if engine == "streams" and mode not in ("dgl", "async"):
+            raise ValueError(f"engine='streams' runs mode='dgl' (pipelined) or mode='async' (free-running stages), "
+                             f"got mode={mode!r}")
+        if engine == "streams" and mode == "async" and (max_reuse is not None or cuda_graphs):
+            raise ValueError("async DGL on streams never waits for the host: it takes neither max_reuse (whose "
+                             "'nothing available' check reads the device) nor cuda_graphs")
         if engine == "streams" and not cuda:
             raise ValueError(f"engine='streams' needs a CUDA device, got device {self.device}; "
                              "use engine='pipeline' (same schedule, stages in turn) or 'sequential'")
@@ -178,8 +188,6 @@ class Trainer:
         if amp == "fp16" and cuda_graphs:
             raise ValueError("amp='fp16' needs a loss scaler whose inf checks sync the host, which CUDA graphs cannot "
                              "capture; use amp='bf16' or cuda_graphs=False")
-        if engine in ("pipeline", "streams") and mode != "dgl":
-            raise ValueError(f"engine={engine!r} pipelines synchronous DGL (mode='dgl'), got mode={mode!r}")
         if cuda_graphs and engine in ("sequential", "pipeline"):
             raise ValueError(f"cuda_graphs=True runs in the streams engine, got engine={engine!r}")
         self.mode = mode
@@ -218,16 +226,20 @@ class Trainer:
         self._has_bn = _has_batchnorm(model)
         self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
         if engine == "auto":
-            engine = "streams" if cuda and mode == "dgl" else "sequential"
+            free_async = mode == "async" and max_reuse is None and not cuda_graphs
+            engine = "streams" if cuda and (mode == "dgl" or free_async) else "sequential"
         if cuda_graphs is None:
-            cuda_graphs = (engine == "streams" and amp != "fp16"
+            cuda_graphs = (engine == "streams" and mode == "dgl" and amp != "fp16"
                            and all(type(o) is torch.optim.SGD for o in self.optimizers))
         if cuda_graphs and not all(type(o) is torch.optim.SGD for o in self.optimizers):
             raise ValueError("cuda_graphs=True captures torch.optim.SGD steps; the optimizer factory returned "
                              f"{type(self.optimizers[0]).__name__} (use cuda_graphs=False)")
         self.engine_name, self.cuda_graphs = engine, bool(cuda_graphs)
         self._engine = (PipelinedEngine(self, streams=engine == "streams", graphs=self.cuda_graphs)
-                        if engine in ("pipeline", "streams") else None)
+                        if engine in ("pipeline", "streams") and mode == "dgl" else None)
+        # async on streams: stage j free-runs on its own stream; buffers order push/sample by events
+        self._async_streams = ([torch.cuda.Stream(self.device) for _ in range(K)]
+                               if engine == "streams" and mode == "async" else None)
         self._input_shape = model.input_shape
         self._num_classes = None
         self._stage_shapes = None
@@ -420,8 +432,25 @@ class Trainer:
             self._make_buffers(x.shape[0])
         runs: list[list] = [[] for _ in range(K)]
 
+        streams = self._async_streams
+        cur = torch.cuda.current_stream(self.device) if streams is not None else None
+        done: list = [None] * K
+
         def tick(j, *batch):
-            r = self._run_stage(j, *batch)
+            if streams is None:
+                r = self._run_stage(j, *batch)
+            else:  # stage j on its own stream; nothing here waits for the device
+                with torch.cuda.stream(streams[j]):
+                    if j == 0:
+                        streams[0].wait_stream(cur)
+                        for t in batch:
+                            t.record_stream(streams[0])
+                    r = self._run_stage(j, *batch)
+                    done[j] = torch.cuda.Event()
+                    done[j].record(streams[j])
+                if r is not None:
+                    r[0].record_stream(cur)
+                    r[1].record_stream(cur)
             if r is not None:
                 runs[j].append(r)
 
@@ -444,6 +473,9 @@ class Trainer:
                     tick(0, x, y)
                     break
                 tick(j)
+        for ev in done:  # the metrics below are computed on the caller's stream
+            if ev is not None:
+                cur.wait_event(ev)
         nan = torch.full((), math.nan, device=self.device)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         losses = [torch.stack([r[0] for r in rs]).mean() if rs else nan for rs in runs]

@@ -190,3 +190,26 @@ def test_bf16_channels_last_streams_runs():
     tr.flush()
     means, _, samples = tr._engine.read_metrics()
     assert all(math.isfinite(m) for m in means) and samples == [48, 48, 48]
+
+
+@pytest.mark.cuda
+def test_async_on_streams_progresses_every_stage():
+    dev = torch.device("cuda")
+    model = small_model(4, seed=5, aux="mlp-sr", fused=True)
+    tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, device="cuda", mode="async", buffer_capacity=3,
+                          slowdown={3: 0.5})
+    assert tr.engine_name == "streams" and tr._async_streams is not None
+    for x, y in batches(60):
+        out = tr.step(x.to(dev), y.to(dev))
+    torch.cuda.synchronize()
+    assert all(n > 3 for n in tr.stage_steps)
+    assert tr.stage_steps[2] < tr.stage_steps[3]  # the slowed stage ran less often
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    assert out.losses.shape == (4,)
+
+
+def test_async_streams_settings_are_checked():
+    with pytest.raises(ValueError, match="engine='streams' needs a CUDA device"):
+        dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="async", engine="streams")
+    with pytest.raises(ValueError, match="engine='streams' runs mode='dgl' .* or mode='async'"):
+        dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="backprop", engine="streams", device="cpu")
