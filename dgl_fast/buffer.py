@@ -22,7 +22,10 @@ R-1 uses) and, once the ring is full, their tie-break ranks the oldest slot as t
 Cross-stream use: every push and sample first makes the current stream wait for the buffer's
 previous operation (a CUDA event the buffer owns) and then records a new one, so a producer on
 one stream and a consumer on another never see a half-written slot. The tensors returned by
-:meth:`sample` are fresh and owned by the caller.
+:meth:`sample` are fresh and owned by the caller. Inside a CUDA graph capture the events are
+skipped (the graph orders its own work); capture the raw ops (:func:`dgl_fast.ops.replay_push`,
+:func:`dgl_fast.ops.replay_sample`) with static outputs to replay them, and note that the host-side
+``pushes`` count only counts eager pushes.
 """
 
 from __future__ import annotations
@@ -131,8 +134,13 @@ class ReplayBuffer:
                 f"max_reuse={self.max_reuse}, nbytes={self.nbytes})")
 
     # cross-stream ordering -------------------------------------------------------------------
+    def _capturing(self) -> bool:
+        # Inside a CUDA graph capture the ops are recorded on the capturing stream; events recorded
+        # outside the capture cannot be waited on there, so ordering is left to the graph.
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
     def _enter(self) -> None:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self._capturing():
             return
         stream = torch.cuda.current_stream(self.device)
         if self._event is not None and self._event_stream != stream:
@@ -143,7 +151,7 @@ class ReplayBuffer:
                 t.record_stream(stream)
 
     def _leave(self) -> None:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self._capturing():
             return
         stream = torch.cuda.current_stream(self.device)
         if self._event is None:

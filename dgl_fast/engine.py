@@ -44,7 +44,9 @@ class GraphSGD:
     tensor (``lr``), so a schedule changes it with ``set_lr`` and no re-capture.
 
     Same update as ``torch.optim.SGD`` (weight decay, momentum, dampening, Nesterov), on the
-    optimizer's own parameters and momentum buffers (which must exist: take one eager step first).
+    optimizer's own parameters and momentum buffers (which must exist: take one eager step first),
+    up to rounding: the step ``lr * d_p`` is rounded before it is subtracted (one ulp per step at
+    most; torch's foreach SGD can fuse it).
     """
 
     def __init__(self, opt: torch.optim.Optimizer, device: torch.device):
@@ -52,7 +54,7 @@ class GraphSGD:
             raise ValueError(f"CUDA graphs capture torch.optim.SGD steps; got {type(opt).__name__} "
                              "(use cuda_graphs=False for other optimizers)")
         self.opt = opt
-        self.lr = [torch.tensor(float(g["lr"]), device=device) for g in opt.param_groups]
+        self.lr = [torch.tensor(float(g["lr"]), device=device, dtype=g["params"][0].dtype) for g in opt.param_groups]
         for g in opt.param_groups:
             if g.get("maximize", False):
                 raise ValueError("GraphSGD does not support maximize=True")
@@ -141,13 +143,20 @@ class PipelinedEngine:
     def _stream(self, j: int):
         return self.streams[j] if self.streams is not None else None
 
-    def _wait_neighbours(self, j: int) -> None:
+    def _wait_neighbours(self, j: int, prev: list, cur) -> None:
+        """Order stage j's step of this tick: after its input's producer (stage j - 1, previous
+        tick), after the reader of the buffers it overwrites (stage j + 1, previous tick; graph
+        mode only: eager hand-offs are fresh tensors) and, for stage 0, after the caller's stream
+        (which made the batch). `prev` is the snapshot of the done events taken at the tick's start."""
         if self.streams is None:
             return
         s = self.streams[j]
-        for k in (j - 1, j + 1):
-            if 0 <= k < self.K and self.done[k] is not None:
-                s.wait_event(self.done[k])
+        if j == 0:
+            s.wait_stream(cur)
+        neighbours = (j - 1, j + 1) if self._graph_state is not None else (j - 1,)
+        for k in neighbours:
+            if 0 <= k < self.K and prev[k] is not None:
+                s.wait_event(prev[k])
 
     def _record_done(self, j: int) -> None:
         if self.streams is None:
@@ -188,6 +197,8 @@ class PipelinedEngine:
         samples = [0] * self.K
         losses: list = [None] * self.K
         hits: list = [None] * self.K
+        prev = list(self.done)
+        cur = torch.cuda.current_stream(self.device) if self.streams is not None else None
         for j in reversed(range(self.K)):  # any order is valid: a tick's stages are independent
             if inputs[j] is None:
                 continue
@@ -195,10 +206,8 @@ class PipelinedEngine:
             stream = self._stream(j)
             ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
             with ctx:
-                self._wait_neighbours(j)
+                self._wait_neighbours(j, prev, cur)
                 if stream is not None:
-                    if j == 0:  # the fresh batch was made on the caller's stream
-                        stream.wait_stream(torch.cuda.current_stream(self.device))
                     h_in.record_stream(stream)
                     y.record_stream(stream)
                 start = self._trace_start(j)
@@ -207,7 +216,6 @@ class PipelinedEngine:
                 self._record_done(j)
                 self._trace_end(j, b, start)
             if stream is not None:
-                cur = torch.cuda.current_stream(self.device)
                 loss.record_stream(cur)
                 correct.record_stream(cur)
             if j + 1 < self.K:
@@ -228,15 +236,15 @@ class PipelinedEngine:
         for o in self._graph_opts:
             o.set_lr()
         state = [_StageGraphs() for _ in range(self.K)]
-        shapes = [tuple(x.shape)]
-        with torch.no_grad():  # per-stage output shapes, without touching BN statistics
+        probes = []  # each stage's output (shape, dtype, memory format), without touching BN statistics
+        with torch.no_grad():
             was = [m.training for m in tr.model.modules()]
             tr.model.eval()
             h = x
             with tr._autocast():
                 for j in range(self.K - 1):
                     h = tr.model.stages[j](h)
-                    shapes.append(tuple(h.shape))
+                    probes.append(h)
             for m, t in zip(tr.model.modules(), was):
                 m.training = t
         for p in range(2):
@@ -249,8 +257,7 @@ class PipelinedEngine:
             for p in range(2):
                 src = state[0].inputs[p] if j == 0 else state[j - 1].outputs[p]
                 if j < self.K - 1:
-                    state[j].outputs[p] = torch.empty(shapes[j + 1], device=dev,
-                                                      dtype=src.dtype if tr.amp is None else tr.amp)
+                    state[j].outputs[p] = torch.empty_like(probes[j])
                 g = torch.cuda.CUDAGraph()
                 stream.wait_stream(torch.cuda.current_stream(dev))
                 for opt in tr.optimizers:
@@ -286,6 +293,8 @@ class PipelinedEngine:
         if fresh is not None:
             x, y, b = fresh
             inflight[0] = b
+        prev = list(self.done)
+        cur = torch.cuda.current_stream(self.device)
         for j in reversed(range(self.K)):
             b = inflight[j]
             if b is None:
@@ -293,9 +302,8 @@ class PipelinedEngine:
             p = b % 2
             stream = self.streams[j]
             with torch.cuda.stream(stream):
-                self._wait_neighbours(j)
+                self._wait_neighbours(j, prev, cur)
                 if j == 0:
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
                     x.record_stream(stream)
                     y.record_stream(stream)
                     st[0].inputs[p].copy_(x, non_blocking=True)
@@ -341,6 +349,12 @@ class PipelinedEngine:
     def flush(self) -> list[TickResult]:
         """Run ticks without new batches until every batch has left the pipeline."""
         out = []
+        with torch.enable_grad():  # callers may sit inside no_grad (evaluate); the stage steps train
+            out += self._drain()
+        return out
+
+    def _drain(self) -> list[TickResult]:
+        out = []
         while not all(p is None for p in self.pending):
             out.append(self._eager_tick(None))
         while any(b is not None for b in self._in_flight_graph):
@@ -366,14 +380,34 @@ class PipelinedEngine:
             self.loss_sum.zero_()
             self.correct_sum.zero_()
             self.samples = [0] * self.K
+        if reset:
+            self._streams_wait_current()
         means = [s / n if n else math.nan for s, n in zip(sums, samples)]
         return means, hits, samples
+
+    def _streams_wait_current(self) -> None:
+        """Make every stage stream wait for what the caller's stream has queued (a reset of the
+        metric accumulators, a new learning rate) before its next step."""
+        if self.streams is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        for s in set(self.streams):
+            s.wait_stream(cur)
+
+    def reset(self) -> None:
+        """Forget captured graphs (they re-capture after the warm-up ticks): after the model's or
+        optimizers' state tensors were replaced, e.g. by ``load_state_dict``. The pipeline must be
+        empty (flush first)."""
+        if not self.idle():
+            raise RuntimeError("flush the pipeline before resetting the engine")
+        self._graph_state, self._graph_opts, self._graph_shape, self._eager_ticks = None, None, None, 0
 
     def on_lr_change(self) -> None:
         """Push the optimizers' learning rates to the captured graphs' device tensors."""
         if self._graph_opts is not None:
             for o in self._graph_opts:
                 o.set_lr()
+            self._streams_wait_current()
 
 
 class _nullcontext:

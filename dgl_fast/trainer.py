@@ -224,6 +224,7 @@ class Trainer:
         self._stage_epoch = [-1] * K
         self._batches_per_epoch: int | None = None
         self._has_bn = _has_batchnorm(model)
+        self._collect = True  # step() materialises per-stage metrics (fit turns it off for engines)
         self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
         if engine == "auto":
             free_async = mode == "async" and max_reuse is None and not cuda_graphs
@@ -378,6 +379,8 @@ class Trainer:
     def _step_engine(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         res = self._engine.feed(x, y)
         self.global_step += 1
+        if not self._collect:  # fit reads the engine's device accumulators instead
+            return StepOutput(None, None, x.shape[0], res.samples)
         return self._tick_output(res, x.shape[0])
 
     def _tick_output(self, res, batch_size: int) -> StepOutput:
@@ -392,7 +395,7 @@ class Trainer:
 
     def flush(self) -> None:
         """Let every batch inside a pipelined engine finish its remaining stages (a no-op for the
-        other engines). :meth:`fit` flushes at the end of each epoch."""
+        other engines). :meth:`fit`, :meth:`evaluate` and :meth:`state_dict` flush first."""
         if self._engine is not None:
             self._engine.flush()
             self._engine.sync_to_current()
@@ -531,26 +534,30 @@ class Trainer:
             start = time.perf_counter()
             desc = f"epoch {self.epoch + 1}/{total}" + (f" stage {self.active_stage + 1}" if self.mode == "sequential" else "")
             bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-            for i, (x, y) in enumerate(bar):
-                if self.mode == "async":
-                    batch_size = batch_size or x.shape[0]
-                    if x.shape[0] != batch_size:
-                        continue  # async buffers hold fixed-size batches: a final partial batch is skipped
-                out = self.step(x, y)
-                seen += out.batch_size
-                if self._engine is None:
-                    weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
-                    loss_sum += torch.nan_to_num(out.losses) * weights
-                    hits += out.correct
-                    per_stage = [a + b for a, b in zip(per_stage, out.samples)]
-                if progress and (i + 1) % log_every == 0:
-                    if self._engine is not None:
-                        means, hs, per_stage = self._engine.read_metrics(reset=False)
-                        ls = [m * n for m, n in zip(means, per_stage)]
-                    else:
-                        ls, hs = loss_sum.tolist(), hits.tolist()
-                    bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / per_stage[j]:.3f}/{100 * hs[j] / per_stage[j]:.1f}%"
-                                                 for j in range(K) if per_stage[j]))
+            self._collect = self._engine is None
+            try:
+                for i, (x, y) in enumerate(bar):
+                    if self.mode == "async":
+                        batch_size = batch_size or x.shape[0]
+                        if x.shape[0] != batch_size:
+                            continue  # async buffers hold fixed-size batches: a final partial batch is skipped
+                    out = self.step(x, y)
+                    seen += out.batch_size
+                    if self._engine is None:
+                        weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
+                        loss_sum += torch.nan_to_num(out.losses) * weights
+                        hits += out.correct
+                        per_stage = [a + b for a, b in zip(per_stage, out.samples)]
+                    if progress and (i + 1) % log_every == 0:
+                        if self._engine is not None:
+                            means, hs, per_stage = self._engine.read_metrics(reset=False)
+                            ls = [m * n for m, n in zip(means, per_stage)]
+                        else:
+                            ls, hs = loss_sum.tolist(), hits.tolist()
+                        bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / per_stage[j]:.3f}/{100 * hs[j] / per_stage[j]:.1f}%"
+                                                     for j in range(K) if per_stage[j]))
+            finally:
+                self._collect = True
             bar.close()
             if seen == 0:
                 raise ValueError("the training loader yielded no batch")
@@ -643,9 +650,12 @@ class Trainer:
             raise ValueError(f"state was saved in mode {state['mode']!r}, this trainer runs mode {self.mode!r}")
         if len(state["optimizers"]) != len(self.optimizers):
             raise ValueError(f"state has {len(state['optimizers'])} optimizers, this trainer has {len(self.optimizers)}")
+        self.flush()
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
+        if self._engine is not None:  # captured graphs point at the replaced optimizer state
+            self._engine.reset()
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
         self.stage_steps = list(state.get("stage_steps", self.stage_steps))

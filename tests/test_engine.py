@@ -213,3 +213,31 @@ def test_async_streams_settings_are_checked():
         dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="async", engine="streams")
     with pytest.raises(ValueError, match="engine='streams' runs mode='dgl' .* or mode='async'"):
         dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="backprop", engine="streams", device="cpu")
+
+
+def test_evaluate_with_batches_in_flight():
+    # evaluate() runs under no_grad; the pipeline's remaining stage steps still train
+    model = small_model(3, seed=8)
+    pipe = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline")
+    for x, y in batches(3):
+        pipe.step(x, y)
+    acc = pipe.evaluate([batches(1, seed=4)[0]])
+    seq, _ = _run(model, batches(3), engine="sequential")
+    assert acc == seq.evaluate([batches(1, seed=4)[0]])
+    assert_same_state(pipe.model, seq.model, rtol=0, atol=0)
+
+
+def test_load_state_dict_resets_the_engine(tmp_path):
+    model = small_model(2, seed=9)
+    a = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline")
+    for x, y in batches(3):
+        a.step(x, y)
+    a.save(tmp_path / "a.pt")
+    b = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline")
+    b.step(*batches(1, seed=3)[0])
+    b.load(tmp_path / "a.pt")  # flushes b's in-flight batch, then replaces everything
+    for t in (a, b):
+        for x, y in batches(2, seed=5):
+            t.step(x, y)
+        t.flush()
+    assert_same_state(b.model, a.model, rtol=0, atol=0)

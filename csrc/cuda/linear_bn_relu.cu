@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cuda(
   at::Tensor mean = training ? at::empty({M}, z.options().dtype(sdt)) : running_mean.clone();
   at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
   const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
+  if (M == 0 || N == 0) return {out, z, mean, var};
   const dim3 block(kCols, kRowGroups), grid(static_cast<unsigned>((M + kCols - 1) / kCols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -163,6 +164,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor grad_beta = at::empty({M}, z.options().dtype(sdt));
   at::Tensor grad_bias = at::empty({M}, z.options().dtype(sdt));
   const at::Tensor g = gamma.contiguous(), b = beta.contiguous(), mu = mean.contiguous(), va = var.contiguous();
+  if (M == 0 || N == 0) {
+    grad_gamma.zero_();
+    grad_beta.zero_();
+    grad_bias.zero_();
+    return {at::mm(grad_z, w), at::mm(grad_z.t(), x), grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
+  }
   const dim3 block(kCols, kRowGroups), grid(static_cast<unsigned>((M + kCols - 1) / kCols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

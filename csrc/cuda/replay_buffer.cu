@@ -82,9 +82,13 @@ void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slo
       slot_copy_kernel<uint32_t, uint32_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint32_t*>(src.const_data_ptr()), static_cast<uint32_t*>(dst.mutable_data_ptr()), slot_ptr, n,
           gather);
-    } else {
+    } else if (src.element_size() == 2) {
       slot_copy_kernel<uint16_t, uint16_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint16_t*>(src.const_data_ptr()), static_cast<uint16_t*>(dst.mutable_data_ptr()), slot_ptr, n,
+          gather);
+    } else {  // 1-byte types (float8 storage)
+      slot_copy_kernel<uint8_t, uint8_t><<<copy_blocks(n), kThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(src.const_data_ptr()), static_cast<uint8_t*>(dst.mutable_data_ptr()), slot_ptr, n,
           gather);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
