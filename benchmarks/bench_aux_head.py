@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", default="mlp-sr", help="comma-separated head kinds (mlp-sr, mlp, last)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-batches", default="128",
+                   help="batches that also get the torch.compile baseline (each shape compiles anew)")
     p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
         stages, batches, reps = STAGES, [128, 512], 30
     compile_ref = not (args.quick or args.no_compile)
     ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
-    rows = [bench_case(device, kind, C, s, B, amp, compile_ref, reps)
+    compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
+    rows = [bench_case(device, kind, C, s, B, amp, compile_ref and B in compile_batches, reps)
             for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches
             for amp in ([False, True] if device.type == "cuda" or args.quick else [False])]
     md = markdown(header, ceiling, rows)
