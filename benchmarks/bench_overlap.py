@@ -127,16 +127,23 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
     def authors():
         tr = trainer(mode="dgl", engine="sequential")
 
-        def step():
+        def step(stage_peaks=None):
             x, y = batch_()
             h = x
             for j in range(K):
+                if stage_peaks is not None:
+                    torch.cuda.reset_peak_memory_stats(device)
                 h, loss, _ = tr._train_stage(j, h, y)
                 loss.item()
+                if stage_peaks is not None:
+                    stage_peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
 
         for _ in range(warmup):
             step()
         res["dgl_authors_way"] = steps * batch / timed(step, steps, device)
+        if cuda:  # each stage's own peak (weights, optimizer state, its activations, the hand-off)
+            res["stage_peak_mib"] = []
+            step(res["stage_peak_mib"])
 
     res["mem_dgl_mib"] = peak_mib(device, authors)
 

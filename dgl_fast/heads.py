@@ -106,6 +106,9 @@ class AuxHead(nn.Module):
         self.hidden = hid
         self.fused = bool(fused)
         self.layers = nn.Sequential(*layers)
+        # the fused path's view of the layers, computed once (forward is on the hot path)
+        self._linears = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
+        self._bns = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, in_channels={self.in_channels}, in_size={self.in_size}, "
@@ -128,7 +131,7 @@ class AuxHead(nn.Module):
         if not self.fused or self.kind not in FUSED_KINDS:
             return False
         return all(m.affine and m.track_running_stats and m.momentum is not None and m.running_mean is not None
-                   for m in self.layers if isinstance(m, nn.modules.batchnorm._BatchNorm))
+                   for m in self._bns)
 
     def _check_params(self, x: torch.Tensor, weight: torch.Tensor, autocast: bool) -> None:
         if x.device != weight.device:
@@ -139,9 +142,7 @@ class AuxHead(nn.Module):
                              f"got {x.dtype}")
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = list(self.layers)
-        linears = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
-        bns = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        linears, bns = self._linears, self._bns
         dev = x.device.type
         autocast = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
         self._check_params(x, linears[0].weight, autocast)
@@ -165,7 +166,7 @@ class AuxHead(nn.Module):
         B, C = x.shape[:2]
         k = 0
         if self.kind == "mlp-sr":
-            ph, pw = layers[0].output_size
+            ph, pw = self.layers[0].output_size
             h = ops.aux_pool(x, (ph, pw), channels_last_out=True)  # [B, C, ph, pw], pixels as rows
             rows = h.permute(0, 2, 3, 1).reshape(B * ph * pw, C)
             for _ in range(3):

@@ -55,6 +55,8 @@ def test_aux_pool_matches_adaptive_avg_pool(device, shape, out, layout, channels
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    if layout == "channels_last" and shape[2] * shape[3] > 1 and shape[1] > 1:  # the gradient keeps the layout
+        assert a.grad.is_contiguous(memory_format=torch.channels_last) and not a.grad.is_contiguous()
 
 
 def test_aux_pool_gradcheck_float64():
@@ -383,3 +385,40 @@ def test_fallbacks_to_plain_pytorch():
     head = AuxHead(8, 4, 10, kind="mlp")
     head.layers[3].momentum = None  # cumulative moving average: not fused
     assert not head.uses_fused_ops()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_bn_relu_low_precision_within_2x(device, dtype):
+    if device.type == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 matrix products are a CUDA feature here")
+    x, w, b, gamma, beta, rm, rv = _lbr_inputs(64, 48, 40, device=device)
+    g = torch.randn(64, 40, device=device)
+    res = {}
+    for name, fn, dt in (("ours", ops.linear_bn_relu, dtype), ("torch", reference.linear_bn_relu, dtype),
+                         ("exact", reference.linear_bn_relu, torch.float64)):
+        sdt = torch.float64 if dt == torch.float64 else torch.float32
+        leaves = [x.to(dt).requires_grad_(), w.to(dt).requires_grad_(), b.to(dt).requires_grad_()]
+        out, mean, var = fn(leaves[0], leaves[1], leaves[2], gamma.to(sdt), beta.to(sdt), rm.to(sdt), rv.to(sdt), True)
+        out.backward(g.to(out.dtype))
+        res[name] = [out, mean, leaves[0].grad, leaves[1].grad]
+    assert res["ours"][0].dtype == dtype and res["ours"][1].dtype == torch.float32
+    for i, what in enumerate(["out", "mean", "grad_x", "grad_w"]):
+        assert_within_2x(res["ours"][i], res["torch"][i], res["exact"][i], what)
+
+
+def test_fused_head_traces_under_torch_compile():
+    # fake kernels + registered autograd let the whole fused head trace as one graph
+    torch.manual_seed(0)
+    head = AuxHead(8, 6, 10, kind="mlp-sr")
+    twin = copy.deepcopy(head)
+    compiled = torch.compile(lambda x, y: head.loss(x, y)[0], backend="aot_eager", fullgraph=True)
+    x, y = torch.randn(5, 8, 6, 6), torch.randint(0, 10, (5,))
+    loss = compiled(x, y)
+    loss.backward()
+    ref, _ = twin.loss(x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for p, q in zip(head.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for a, b in zip(head.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b)

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "../aux_head.h"
@@ -46,7 +45,8 @@ at::Tensor aux_pool_cpu(const at::Tensor& x, int64_t out_h, int64_t out_w, bool 
 at::Tensor aux_pool_bwd_cpu(const at::Tensor& g, int64_t in_h, int64_t in_w, bool channels_last_in) {
   check_aux_pool_bwd_args(g, in_h, in_w);
   const int64_t B = g.size(0), C = g.size(1), oh = g.size(2), ow = g.size(3);
-  at::Tensor gx = at::zeros({B, C, in_h, in_w}, g.options().memory_format(format_of(channels_last_in)));
+  // Every element is written below, so no zero-fill (and at::zeros would drop the memory format).
+  at::Tensor gx = at::empty({B, C, in_h, in_w}, g.options().memory_format(format_of(channels_last_in)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "aux_pool_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto go = g.accessor<const scalar_t, 4>();
