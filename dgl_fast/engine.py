@@ -112,13 +112,17 @@ class PipelinedEngine:
         graphs: replay one CUDA graph per stage step after ``warmup`` eager ticks (CUDA only).
     """
 
-    def __init__(self, trainer, streams: bool, graphs: bool, warmup: int = 3):
+    def __init__(self, trainer, streams: bool, graphs: bool, warmup: int = 3, emulate_graphs: bool = False):
         self.tr = trainer
         self.K = trainer.model.num_stages
         self.device = trainer.device
         cuda = self.device.type == "cuda"
-        if (streams or graphs) and not cuda:
+        if (streams or (graphs and not emulate_graphs)) and not cuda:
             raise ValueError("CUDA streams and graphs need a CUDA device")
+        # emulate_graphs (tests, any device): "capture" stores the stage-step function bound to the
+        # static buffers and "replay" calls it, so the graph path's data flow (parity buffers,
+        # label hand-offs, GraphSGD, in-graph metrics) runs where no GPU is.
+        self.emulate_graphs = emulate_graphs
         self.streams = [torch.cuda.Stream(self.device) for _ in range(self.K)] if streams else None
         self.use_graphs = graphs
         self.warmup = warmup
@@ -253,21 +257,24 @@ class PipelinedEngine:
             for p in range(2):
                 state[j].labels[p] = torch.empty_like(y)
         for j in range(self.K):
-            stream = self.streams[j]
             for p in range(2):
                 src = state[0].inputs[p] if j == 0 else state[j - 1].outputs[p]
                 if j < self.K - 1:
                     state[j].outputs[p] = torch.empty_like(probes[j])
-                g = torch.cuda.CUDAGraph()
-                stream.wait_stream(torch.cuda.current_stream(dev))
                 for opt in tr.optimizers:
                     opt.zero_grad(set_to_none=True)
+                if self.emulate_graphs:
+                    state[j].graphs[p] = _EmulatedGraph(self._graph_body, j, src, state[j].labels[p], state[j].outputs[p])
+                    continue
+                g = torch.cuda.CUDAGraph()
+                stream = self.streams[j]
+                stream.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.graph(g, stream=stream):
                     self._graph_body(j, src, state[j].labels[p], state[j].outputs[p])
                 state[j].graphs[p] = g
-        torch.cuda.current_stream(dev).wait_stream(self.streams[-1])
-        for s in self.streams:
-            torch.cuda.current_stream(dev).wait_stream(s)
+        if self.streams is not None:
+            for s in self.streams:
+                torch.cuda.current_stream(dev).wait_stream(s)
         self._graph_state = state
         self._graph_shape = tuple(x.shape)
 
@@ -294,18 +301,19 @@ class PipelinedEngine:
             x, y, b = fresh
             inflight[0] = b
         prev = list(self.done)
-        cur = torch.cuda.current_stream(self.device)
+        cur = torch.cuda.current_stream(self.device) if self.streams is not None else None
         for j in reversed(range(self.K)):
             b = inflight[j]
             if b is None:
                 continue
             p = b % 2
-            stream = self.streams[j]
-            with torch.cuda.stream(stream):
+            stream = self._stream(j)
+            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
                 self._wait_neighbours(j, prev, cur)
                 if j == 0:
-                    x.record_stream(stream)
-                    y.record_stream(stream)
+                    if stream is not None:
+                        x.record_stream(stream)
+                        y.record_stream(stream)
                     st[0].inputs[p].copy_(x, non_blocking=True)
                     st[0].labels[p].copy_(y, non_blocking=True)
                 else:
@@ -408,6 +416,18 @@ class PipelinedEngine:
             for o in self._graph_opts:
                 o.set_lr()
             self._streams_wait_current()
+
+
+class _EmulatedGraph:
+    """Stands in for a captured CUDA graph when ``emulate_graphs`` is set: replay calls the
+    stage-step function on the same static buffers a real capture would have recorded."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def replay(self) -> None:
+        with torch.enable_grad():
+            self.fn(*self.args)
 
 
 class _nullcontext:
