@@ -45,6 +45,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.jsonl, summary.json, accuracy.png, checkpoint.pt")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (same model and mode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="auto", choices=["auto", "sequential", "pipeline", "streams"],
+                   help="auto: CUDA streams (+ graphs) on a GPU, sequential on the CPU")
+    e.add_argument("--cuda-graphs", default=None, action=argparse.BooleanOptionalAction,
+                   help="one CUDA graph per stage step (default: on with the streams engine and SGD)")
+    e.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast each stage")
+    e.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     a = p.add_argument_group("asynchronous DGL (--mode async)")
     a.add_argument("--buffer-capacity", type=int, default=30, help="mini-batches per replay buffer (M)")
     a.add_argument("--policy", default="priority_lifo", choices=["priority_lifo", "fifo", "uniform"])
@@ -110,13 +117,15 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, optimizer=optimizer, mode=args.mode, device=device,
                       lr_schedule=lambda e: decay ** (e // step), buffer_capacity=args.buffer_capacity,
                       policy=args.policy, max_reuse=args.max_reuse, slowdown=slowdown, schedule=args.schedule,
-                      buffer_dtype=getattr(torch, args.buffer_dtype) if args.buffer_dtype else None, seed=args.seed)
+                      buffer_dtype=getattr(torch, args.buffer_dtype) if args.buffer_dtype else None, seed=args.seed,
+                      engine=args.engine, cuda_graphs=args.cuda_graphs, amp=args.amp, channels_last=args.channels_last)
     if args.resume:
         trainer.load(args.resume)
         print(f"resumed from {args.resume} at epoch {trainer.epoch}", file=sys.stderr)
     n_params = sum(p.numel() for p in model.stages.parameters())
     n_aux = sum(p.numel() for p in model.heads.parameters())
-    print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device}; "
+    print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device} "
+          f"(engine {trainer.engine_name}{', CUDA graphs' if trainer.cuda_graphs else ''}); "
           f"{spec.name}: {len(spec.train)} batches/epoch; trunk {n_params / 1e6:.2f}M params, heads {n_aux / 1e6:.2f}M",
           file=sys.stderr)
 

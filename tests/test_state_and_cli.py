@@ -101,3 +101,14 @@ def test_cli_async_mode(tmp_path):
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(n > 0 for n in rec["stage_samples"])
     assert cli.main(args[:-3] + ["--slowdown", "two", "--no-progress"]) == 2
+
+
+def test_cli_pipeline_engine_and_engine_errors(tmp_path, capsys):
+    args = ["train", "--data", "synthetic", "--in-size", "8", "--model", "aux-study", "--depth", "3", "--width", "8",
+            "--aux", "mlp", "--epochs", "1", "--batch-size", "64", "--no-progress"]
+    assert cli.main(args + ["--engine", "pipeline"]) == 0
+    assert "engine pipeline" in capsys.readouterr().err
+    assert cli.main(args + ["--engine", "streams"]) == 2
+    assert "engine='streams' needs a CUDA device" in capsys.readouterr().err
+    assert cli.main(args + ["--cuda-graphs"]) == 2
+    assert "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
