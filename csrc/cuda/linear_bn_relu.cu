@@ -7,9 +7,11 @@
 //             affine, ReLU, written once;
 //   backward: ReLU mask and BatchNorm backward (column sums of g and g * xhat, then grad_z),
 //             with grad_gamma, grad_beta and the Linear bias gradient in the same kernel.
-// A block owns kCols consecutive columns (one per threadIdx.x, so rows are read coalesced) and
-// kRowGroups threads (threadIdx.y) stride over the N rows; partial sums meet in shared memory in a
-// fixed order, so results do not depend on scheduling.
+// A block of 256 threads owns COLS consecutive columns (one per threadIdx.x, so rows are read
+// coalesced) and 256 / COLS threads (threadIdx.y) stride over the N rows; partial sums meet in
+// shared memory in a fixed order, so results do not depend on scheduling. COLS is 32 when there
+// are enough columns to fill the GPU, else 16 or 8 (head layers have M = 256..2048 columns: with
+// 32 columns a block, M = 256 would run only 8 blocks).
 // bn_update_stats updates the running statistics of up to kMaxLayers layers in one launch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,48 +26,69 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "../aux_head.h"
 
 namespace dgl_fast {
 namespace {
 
-constexpr int kCols = 32;
-constexpr int kRowGroups = 8;
+constexpr int kThreads = 256;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_column_sum(acc_t v, acc_t (*red)[kCols + 1]) {
+template <int COLS, typename acc_t>
+__device__ __forceinline__ acc_t block_column_sum(acc_t v, acc_t (*red)[COLS + 1]) {
+  constexpr int ROWS = kThreads / COLS;
   red[threadIdx.y][threadIdx.x] = v;
   __syncthreads();
   acc_t total = 0;
 #pragma unroll
-  for (int r = 0; r < kRowGroups; ++r) total += red[r][threadIdx.x];
+  for (int r = 0; r < ROWS; ++r) total += red[r][threadIdx.x];
   __syncthreads();
   return total;
 }
 
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = n > 0 ? n : 132;
+  }
+  return cached[device];
+}
+
+// Columns per block: the widest of 32 / 16 / 8 that still gives every SM a block.
+int pick_cols(int64_t M, int device) {
+  const int64_t sms = sm_count(device);
+  if ((M + 31) / 32 >= sms) return 32;
+  if ((M + 15) / 16 >= sms) return 16;
+  return 8;
+}
+
 // z [N, M] row-major; gamma, beta, mean, var [M] (acc_t); out [N, M].
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kCols* kRowGroups)
+template <int COLS, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
     bn_relu_fwd_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                        acc_t* __restrict__ mean, acc_t* __restrict__ var, scalar_t* __restrict__ out, int64_t N,
                        int64_t M, bool training, acc_t eps) {
-  __shared__ acc_t red[kRowGroups][kCols + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  constexpr int ROWS = kThreads / COLS;
+  __shared__ acc_t red[ROWS][COLS + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * COLS + threadIdx.x;
   const bool active = col < M;
   acc_t mu = 0, va = 0;
   if (training) {
     acc_t s = 0;
     if (active)
-      for (int64_t n = threadIdx.y; n < N; n += kRowGroups) s += static_cast<acc_t>(z[n * M + col]);
-    mu = block_column_sum(s, red) / static_cast<acc_t>(N);
+      for (int64_t n = threadIdx.y; n < N; n += ROWS) s += static_cast<acc_t>(z[n * M + col]);
+    mu = block_column_sum<COLS>(s, red) / static_cast<acc_t>(N);
     acc_t ss = 0;
     if (active)
-      for (int64_t n = threadIdx.y; n < N; n += kRowGroups) {
+      for (int64_t n = threadIdx.y; n < N; n += ROWS) {
         const acc_t d = static_cast<acc_t>(z[n * M + col]) - mu;
         ss += d * d;
       }
-    va = block_column_sum(ss, red) / static_cast<acc_t>(N);
+    va = block_column_sum<COLS>(ss, red) / static_cast<acc_t>(N);
     if (active && threadIdx.y == 0) {
       mean[col] = mu;
       var[col] = va;
@@ -77,40 +100,41 @@ __global__ void __launch_bounds__(kCols* kRowGroups)
   if (!active) return;
   const acc_t invstd = acc_t(1) / sqrt(va + eps);
   const acc_t g = gamma[col], b = beta[col];
-  for (int64_t n = threadIdx.y; n < N; n += kRowGroups) {
+  for (int64_t n = threadIdx.y; n < N; n += ROWS) {
     const acc_t y = g * ((static_cast<acc_t>(z[n * M + col]) - mu) * invstd) + b;
     out[n * M + col] = static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0));
   }
 }
 
 // grad_out, z, grad_z [N, M]; gamma, beta, mean, var, grad_gamma, grad_beta, grad_bias [M] (acc_t).
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kCols* kRowGroups)
+template <int COLS, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
     bn_relu_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ z,
                        const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta, const acc_t* __restrict__ mean,
                        const acc_t* __restrict__ var, scalar_t* __restrict__ grad_z, acc_t* __restrict__ grad_gamma,
                        acc_t* __restrict__ grad_beta, acc_t* __restrict__ grad_bias, int64_t N, int64_t M,
                        bool training, acc_t eps) {
-  __shared__ acc_t red[kRowGroups][kCols + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  constexpr int ROWS = kThreads / COLS;
+  __shared__ acc_t red[ROWS][COLS + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * COLS + threadIdx.x;
   const bool active = col < M;
   const acc_t mu = active ? mean[col] : acc_t(0);
   const acc_t invstd = active ? acc_t(1) / sqrt(var[col] + eps) : acc_t(0);
   const acc_t ga = active ? gamma[col] : acc_t(0), bt = active ? beta[col] : acc_t(0);
   acc_t sg = 0, sgx = 0;
   if (active)
-    for (int64_t n = threadIdx.y; n < N; n += kRowGroups) {
+    for (int64_t n = threadIdx.y; n < N; n += ROWS) {
       const acc_t xhat = (static_cast<acc_t>(z[n * M + col]) - mu) * invstd;
       const acc_t g = (ga * xhat + bt > acc_t(0)) ? static_cast<acc_t>(grad_out[n * M + col]) : acc_t(0);
       sg += g;
       sgx += g * xhat;
     }
-  const acc_t sum_g = block_column_sum(sg, red);
-  const acc_t sum_gx = block_column_sum(sgx, red);
+  const acc_t sum_g = block_column_sum<COLS>(sg, red);
+  const acc_t sum_gx = block_column_sum<COLS>(sgx, red);
   const acc_t scale = ga * invstd, inv_n = acc_t(1) / static_cast<acc_t>(N);
   acc_t sdz = 0;
   if (active)
-    for (int64_t n = threadIdx.y; n < N; n += kRowGroups) {
+    for (int64_t n = threadIdx.y; n < N; n += ROWS) {
       const acc_t xhat = (static_cast<acc_t>(z[n * M + col]) - mu) * invstd;
       const acc_t g = (ga * xhat + bt > acc_t(0)) ? static_cast<acc_t>(grad_out[n * M + col]) : acc_t(0);
       const acc_t dz = training ? scale * (g - sum_g * inv_n - xhat * sum_gx * inv_n) : scale * g;
@@ -118,7 +142,7 @@ __global__ void __launch_bounds__(kCols* kRowGroups)
       grad_z[n * M + col] = dzs;
       sdz += static_cast<acc_t>(dzs);
     }
-  const acc_t sum_dz = block_column_sum(sdz, red);
+  const acc_t sum_dz = block_column_sum<COLS>(sdz, red);
   if (active && threadIdx.y == 0) {
     grad_gamma[col] = sum_gx;
     grad_beta[col] = sum_g;
@@ -139,13 +163,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cuda(
   at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
   const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
   if (M == 0 || N == 0) return {out, z, mean, var};
-  const dim3 block(kCols, kRowGroups), grid(static_cast<unsigned>((M + kCols - 1) / kCols));
+  const int cols = pick_cols(M, x.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_fwd_kernel<scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(),
-        var.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), N, M, training, static_cast<acc_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto cols_tag) {
+      constexpr int COLS = decltype(cols_tag)::value;
+      const dim3 block(COLS, kThreads / COLS), grid(static_cast<unsigned>((M + COLS - 1) / COLS));
+      bn_relu_fwd_kernel<COLS, scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+          mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), N, M,
+          training, static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cols == 32) launch(std::integral_constant<int, 32>{});
+    else if (cols == 16) launch(std::integral_constant<int, 16>{});
+    else launch(std::integral_constant<int, 8>{});
   });
   return {out, z, mean, var};
 }
@@ -170,15 +202,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     grad_bias.zero_();
     return {at::mm(grad_z, w), at::mm(grad_z.t(), x), grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
   }
-  const dim3 block(kCols, kRowGroups), grid(static_cast<unsigned>((M + kCols - 1) / kCols));
+  const int cols = pick_cols(M, z.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_bwd_kernel<scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad_out.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(), va.const_data_ptr<acc_t>(),
-        grad_z.mutable_data_ptr<scalar_t>(), grad_gamma.mutable_data_ptr<acc_t>(), grad_beta.mutable_data_ptr<acc_t>(),
-        grad_bias.mutable_data_ptr<acc_t>(), N, M, training, static_cast<acc_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto cols_tag) {
+      constexpr int COLS = decltype(cols_tag)::value;
+      const dim3 block(COLS, kThreads / COLS), grid(static_cast<unsigned>((M + COLS - 1) / COLS));
+      bn_relu_bwd_kernel<COLS, scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad_out.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(),
+          b.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(), va.const_data_ptr<acc_t>(),
+          grad_z.mutable_data_ptr<scalar_t>(), grad_gamma.mutable_data_ptr<acc_t>(),
+          grad_beta.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(), N, M, training,
+          static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cols == 32) launch(std::integral_constant<int, 32>{});
+    else if (cols == 16) launch(std::integral_constant<int, 16>{});
+    else launch(std::integral_constant<int, 8>{});
   });
   at::Tensor grad_x = at::mm(grad_z, w);
   at::Tensor grad_w = at::mm(grad_z.t(), x);
