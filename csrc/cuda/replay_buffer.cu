@@ -3,10 +3,11 @@
 // The ring state (head, count, counters, use counts, the chosen slot) stays on the device: the
 // copy kernels read the slot they work on from device memory, so no op waits for the host and
 // both ops can be captured in a CUDA graph. Each op is:
-//   push:   copy kernel (x -> storage[head], y -> label_store[head]), then a one-thread kernel
+//   push:   one copy kernel (x -> storage[head] and y -> label_store[head]), then a one-thread kernel
 //           that resets the slot's use count and advances head / count / pushes;
 //   sample: a one-thread kernel that picks the slot (same code as the CPU, replay_select) and
-//           writes info, then the copy kernel (storage[slot] -> out), which does nothing for -1.
+//           writes info, then one copy kernel (storage[slot] -> out, labels too), which does nothing
+//           for -1: two graph nodes per op.
 // All launches go to the current stream, in this order. Cross-stream use is ordered by events
 // owned by the Python ReplayBuffer (dgl_fast/buffer.py).
 #include <ATen/Dispatch.h>
@@ -28,6 +29,7 @@ namespace {
 constexpr int kThreads = 256;
 
 int copy_blocks(int64_t n_items) {
+  n_items = std::max<int64_t>(n_items, 1);
   const int64_t want = (n_items + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, 65535)));
 }
@@ -46,25 +48,35 @@ __device__ __forceinline__ dst_t slot_convert(src_t v) {
   }
 }
 
+// The labels of the slot, copied by the same launch as the activations (one graph node less).
+struct LabelCopy {
+  const int64_t* src;
+  int64_t* dst;
+  int64_t n;
+};
+
 template <typename src_t, typename dst_t>
 __global__ void slot_copy_kernel(const src_t* __restrict__ src, dst_t* __restrict__ dst,
-                                 const int64_t* __restrict__ slot_ptr, int64_t n, bool gather) {
+                                 const int64_t* __restrict__ slot_ptr, int64_t n, bool gather, LabelCopy lab) {
   const int64_t slot = *slot_ptr;
   if (slot < 0) return;
+  const int64_t* lsrc = lab.src;
+  int64_t* ldst = lab.dst;
   if (gather) {
     src += slot * n;
+    lsrc += slot * lab.n;
   } else {
     dst += slot * n;
+    ldst += slot * lab.n;
   }
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    dst[i] = slot_convert<src_t, dst_t>(src[i]);
-  }
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = first; i < n; i += stride) dst[i] = slot_convert<src_t, dst_t>(src[i]);
+  for (int64_t i = first; i < lab.n; i += stride) ldst[i] = lsrc[i];
 }
 
 void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slot_ptr, int64_t n, bool gather,
-                      cudaStream_t stream) {
-  if (n == 0) return;
+                      cudaStream_t stream, LabelCopy lab) {
   if (src.scalar_type() == dst.scalar_type()) {
     const int64_t bytes = n * src.element_size();
     const auto s = reinterpret_cast<uintptr_t>(src.const_data_ptr());
@@ -73,23 +85,23 @@ void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slo
       const int64_t nv = bytes / 16;
       slot_copy_kernel<uint4, uint4><<<copy_blocks(nv), kThreads, 0, stream>>>(
           static_cast<const uint4*>(src.const_data_ptr()), static_cast<uint4*>(dst.mutable_data_ptr()), slot_ptr, nv,
-          gather);
+          gather, lab);
     } else if (src.element_size() == 8) {
       slot_copy_kernel<uint64_t, uint64_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint64_t*>(src.const_data_ptr()), static_cast<uint64_t*>(dst.mutable_data_ptr()), slot_ptr, n,
-          gather);
+          gather, lab);
     } else if (src.element_size() == 4) {
       slot_copy_kernel<uint32_t, uint32_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint32_t*>(src.const_data_ptr()), static_cast<uint32_t*>(dst.mutable_data_ptr()), slot_ptr, n,
-          gather);
+          gather, lab);
     } else if (src.element_size() == 2) {
       slot_copy_kernel<uint16_t, uint16_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint16_t*>(src.const_data_ptr()), static_cast<uint16_t*>(dst.mutable_data_ptr()), slot_ptr, n,
-          gather);
+          gather, lab);
     } else {  // 1-byte types (float8 storage)
       slot_copy_kernel<uint8_t, uint8_t><<<copy_blocks(n), kThreads, 0, stream>>>(
           static_cast<const uint8_t*>(src.const_data_ptr()), static_cast<uint8_t*>(dst.mutable_data_ptr()), slot_ptr, n,
-          gather);
+          gather, lab);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -98,7 +110,7 @@ void launch_slot_copy(const at::Tensor& src, at::Tensor& dst, const int64_t* slo
     using src_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "replay_copy_dst", [&] {
       slot_copy_kernel<src_t, scalar_t><<<copy_blocks(n), kThreads, 0, stream>>>(
-          src.const_data_ptr<src_t>(), dst.mutable_data_ptr<scalar_t>(), slot_ptr, n, gather);
+          src.const_data_ptr<src_t>(), dst.mutable_data_ptr<scalar_t>(), slot_ptr, n, gather, lab);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -133,8 +145,8 @@ void replay_push_cuda(at::Tensor& storage, at::Tensor& label_store, at::Tensor& 
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t* head = state.const_data_ptr<int64_t>();
-  launch_slot_copy(x, storage, head, x.numel(), /*gather=*/false, stream);
-  launch_slot_copy(y, label_store, head, y.numel(), /*gather=*/false, stream);
+  launch_slot_copy(x, storage, head, x.numel(), /*gather=*/false, stream,
+                   LabelCopy{y.const_data_ptr<int64_t>(), label_store.mutable_data_ptr<int64_t>(), y.numel()});
   push_commit_kernel<<<1, 1, 0, stream>>>(state.mutable_data_ptr<int64_t>(), uses.mutable_data_ptr<int64_t>(),
                                           stamps.mutable_data_ptr<int64_t>(), storage.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -153,8 +165,9 @@ void replay_sample_cuda(at::Tensor& state, at::Tensor& uses, const at::Tensor& s
                                             max_reuse, static_cast<uint64_t>(seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t* slot = info.const_data_ptr<int64_t>();
-  launch_slot_copy(storage, out, slot, out.numel(), /*gather=*/true, stream);
-  launch_slot_copy(label_store, out_labels, slot, out_labels.numel(), /*gather=*/true, stream);
+  launch_slot_copy(storage, out, slot, out.numel(), /*gather=*/true, stream,
+                   LabelCopy{label_store.const_data_ptr<int64_t>(), out_labels.mutable_data_ptr<int64_t>(),
+                             out_labels.numel()});
 }
 
 }  // namespace
