@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -52,6 +53,8 @@ def _train_parser(sub) -> None:
                    help="one CUDA graph per stage step (default: on with the streams engine and SGD)")
     e.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast each stage")
     e.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    e.add_argument("--distributed", action="store_true",
+                   help="place stages across torch.distributed ranks: launch with torchrun (NCCL on GPUs, gloo on CPUs)")
     a = p.add_argument_group("asynchronous DGL (--mode async)")
     a.add_argument("--buffer-capacity", type=int, default=30, help="mini-batches per replay buffer (M)")
     a.add_argument("--policy", default="priority_lifo", choices=["priority_lifo", "fifo", "uniform"])
@@ -95,6 +98,8 @@ def cmd_train(args) -> int:
     from . import models  # noqa: PLC0415
     from .trainer import Trainer, resolve_device  # noqa: PLC0415
 
+    if args.distributed:
+        return cmd_train_distributed(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     spec = data_mod.load(args.data, batch_size=args.batch_size, data_dir=args.data_dir, device=device,
@@ -162,6 +167,61 @@ def cmd_train(args) -> int:
             json.dump(summary, f, indent=1)
     print(f"held-out accuracy ({spec.name}, {len(spec.test.y) if hasattr(spec.test, 'y') else '?'} images): "
           f"{100 * final[-1]:.2f}%  (per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
+    return 0
+
+
+def cmd_train_distributed(args) -> int:
+    """``torchrun ... -m dgl_fast train --distributed``: one rank per stage group (DistributedDGL)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from . import data as data_mod  # noqa: PLC0415
+    from . import models  # noqa: PLC0415
+    from .distributed import DistributedDGL  # noqa: PLC0415
+    from .trainer import Trainer  # noqa: PLC0415
+
+    if "RANK" not in os.environ:
+        raise ValueError("--distributed expects to be launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR are unset)")
+    if args.mode != "dgl" or args.engine not in ("auto", "sequential") or args.amp:
+        raise ValueError("--distributed trains synchronous DGL (--mode dgl) without --engine or --amp")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device.startswith("cuda")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        rank = dist.get_rank()
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        spec = data_mod.load(args.data, batch_size=args.batch_size, data_dir=args.data_dir, device=device,
+                             seed=args.seed, download=args.download, in_size=args.in_size)
+        model = models.build(args.model, num_classes=spec.num_classes, block_size=args.block_size, stages=args.stages,
+                             aux=args.aux, in_size=spec.in_size, in_channels=spec.in_channels, width=args.width,
+                             depth=args.depth, hidden=args.hidden)
+        full = copy.deepcopy(model)
+
+        def optimizer(params):
+            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+        ddgl = DistributedDGL(model, optimizer=optimizer, device=device)
+        print(f"rank {rank}: stages {[j + 1 for j in ddgl.stages]} of {model.num_stages} on {device}", file=sys.stderr)
+        step, decay = args.lr_step, args.lr_decay
+        start = time.perf_counter()
+        records = ddgl.fit(spec.train if ddgl.is_first else None, epochs=args.epochs,
+                           lr_schedule=lambda e: decay ** (e // step))
+        state = ddgl.full_state_dict()
+        if rank == 0:
+            full.load_state_dict(state)
+            final = Trainer(full, device=device, engine="sequential").evaluate(spec.test)
+            summary = {"model": args.model, "stages": model.num_stages, "ranks": dist.get_world_size(),
+                       "placement": ddgl.placement, "data": spec.name, "epochs_done": ddgl.epoch,
+                       "train": records, "test_acc_per_stage": final, "test_acc": final[-1],
+                       "train_time_s": time.perf_counter() - start, "torch": torch.__version__}
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+            print(f"held-out accuracy ({spec.name}, {dist.get_world_size()} ranks): {100 * final[-1]:.2f}%  "
+                  f"(per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

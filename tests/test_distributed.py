@@ -81,3 +81,29 @@ def test_placement_checks_in_a_one_rank_group():
         assert rec["stage_samples"] == [12, 12]
     finally:
         dist.destroy_process_group()
+
+
+def test_cli_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "dgl_fast", "train", "--distributed", "--data", "synthetic", "--in-size", "8", "--model", "aux-study",
+           "--depth", "3", "--width", "8", "--aux", "mlp", "--epochs", "2", "--batch-size", "64", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out accuracy (synthetic, 2 ranks)" in res.stdout
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["placement"] == [0, 0, 1] and summary["epochs_done"] == 2
+    assert all(n > 0 for n in summary["train"][-1]["stage_samples"])
+
+
+def test_cli_distributed_needs_torchrun(capsys):
+    from dgl_fast import cli
+
+    if "RANK" in os.environ:
+        pytest.skip("running under a launcher")
+    assert cli.main(["train", "--distributed", "--data", "synthetic", "--no-progress"]) == 2
+    assert "--distributed expects to be launched by torchrun" in capsys.readouterr().err
