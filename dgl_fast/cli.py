@@ -160,6 +160,7 @@ def cmd_train(args) -> int:
     summary = {
         "model": args.model, "mode": args.mode, "aux": args.aux, "stages": model.num_stages, "data": spec.name,
         "epochs_done": trainer.epoch, "test_acc_per_stage": final, "test_acc": final[-1],
+        "test_acc_ensemble": trainer.evaluate_ensemble(spec.test),
         "train_time_s": time.perf_counter() - start, "device": str(device), "torch": torch.__version__,
     }
     if out:

@@ -588,14 +588,22 @@ class Trainer:
                 callback(record)
         return records
 
-    @torch.no_grad()
     def evaluate(self, loader: Iterable) -> list[float]:
         """Accuracy of every head on ``loader`` (inference, eval mode); the last is the network's."""
+        return self._eval_pass(loader)[0]
+
+    def evaluate_ensemble(self, loader: Iterable) -> float:
+        """Accuracy of the ensemble of all heads that the authors' ImageNet code reports: the
+        heads' softmax probabilities weighted 2^j (stage j = 1..K) and summed."""
+        return self._eval_pass(loader)[1]
+
+    @torch.no_grad()
+    def _eval_pass(self, loader: Iterable) -> tuple[list[float], float]:
         self.flush()
         modes = [m.training for m in self.model.modules()]
         self.model.eval()
         K = self.model.num_stages
-        hits = torch.zeros(K, dtype=torch.long, device=self.device)
+        hits = torch.zeros(K + 1, dtype=torch.long, device=self.device)  # K heads, then the ensemble
         seen = 0
         try:
             for x, y in loader:
@@ -605,15 +613,19 @@ class Trainer:
                 y = y.to(self.device, dtype=torch.long, non_blocking=True)
                 with self._autocast():
                     all_logits = self.model.forward_all(x)
+                ensemble = 0
                 for j, logits in enumerate(all_logits):
                     hits[j] += (logits.argmax(dim=1) == y).sum()
+                    ensemble = ensemble + 2.0 ** (j + 1) * torch.softmax(logits.float(), dim=1)
+                hits[K] += (ensemble.argmax(dim=1) == y).sum()
                 seen += x.shape[0]
         finally:
             for m, t in zip(self.model.modules(), modes):
                 m.training = t
         if seen == 0:
             raise ValueError("the evaluation loader yielded no batch")
-        return (hits.double() / seen).tolist()
+        acc = (hits.double() / seen).tolist()
+        return acc[:K], acc[K]
 
     # ------------------------------------------------------------------ state
 

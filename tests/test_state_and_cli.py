@@ -71,7 +71,7 @@ def test_cli_train_synthetic_writes_metrics_and_plot(tmp_path, capsys):
     rec = json.loads(lines[-1])
     assert rec["epoch"] == 2 and len(rec["test_acc"]) == 3 and len(rec["train_loss"]) == 3
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 1
+    assert summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 1 and 0 <= summary["test_acc_ensemble"] <= 1
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out accuracy" in capsys.readouterr().out
     # resume for one more epoch

@@ -117,3 +117,21 @@ def test_fit_evaluate_learns_a_learnable_task():
     after = trainer.evaluate(spec.test)
     assert len(after) == 2 and len(trainer.history) == 4
     assert after[-1] > max(before[-1], 1 / 3) + 0.1
+
+
+def test_ensemble_of_heads_weighted_by_depth():
+    model = small_model(3, seed=12)
+    tr = dgl_fast.Trainer(model, optimizer=sgd)
+    for x, y in batches(4):
+        tr.step(x, y)
+    data = batches(2, seed=20)
+    got = tr.evaluate_ensemble(data)
+    model.eval()
+    hits = n = 0
+    with torch.no_grad():
+        for x, y in data:
+            probs = sum(2.0 ** (j + 1) * torch.softmax(logits, 1) for j, logits in enumerate(model.forward_all(x)))
+            hits += int((probs.argmax(1) == y).sum())
+            n += len(y)
+    assert got == hits / n
+    assert len(tr.evaluate(data)) == 3
