@@ -20,6 +20,7 @@ is about to overwrite). Metrics accumulate on the device, in the graphs themselv
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -208,7 +209,7 @@ class PipelinedEngine:
                 continue
             h_in, y, b = inputs[j]
             stream = self._stream(j)
-            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 self._wait_neighbours(j, prev, cur)
                 if stream is not None:
@@ -308,7 +309,7 @@ class PipelinedEngine:
                 continue
             p = b % 2
             stream = self._stream(j)
-            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 self._wait_neighbours(j, prev, cur)
                 if j == 0:
                     if stream is not None:
@@ -428,11 +429,3 @@ class _EmulatedGraph:
     def replay(self) -> None:
         with torch.enable_grad():
             self.fn(*self.args)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -224,6 +224,8 @@ class Trainer:
         self._stage_epoch = [-1] * K
         self._batches_per_epoch: int | None = None
         self._has_bn = _has_batchnorm(model)
+        self._idle_metrics = None  # (NaN, 0) device constants for stages idle in a step
+        self._fit_weights: dict = {}  # per-stage sample counts as device tensors, by value
         self._collect = True  # step() materialises per-stage metrics (fit turns it off for engines)
         self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
         if engine == "auto":
@@ -323,6 +325,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def _step_output(self, losses: list, correct: list, batch_size: int, samples: tuple) -> StepOutput:
+        """Stack per-stage metrics; stages that did not train this step get NaN / 0 (constants made
+        once, not per step)."""
+        if self._idle_metrics is None:
+            self._idle_metrics = (torch.full((), math.nan, device=self.device),
+                                  torch.zeros((), dtype=torch.long, device=self.device))
+        nan, zero = self._idle_metrics
+        return StepOutput(torch.stack([nan if v is None else v.float() for v in losses]),
+                          torch.stack([zero if v is None else v for v in correct]), batch_size, samples)
+
     def _set_train_modes(self) -> None:
         self.model.train()
         if self.mode == "sequential":
@@ -340,9 +352,7 @@ class Trainer:
         if self._engine is not None:
             return self._step_engine(x, y)
         K = self.model.num_stages
-        nan = torch.full((), math.nan, device=self.device)
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
-        losses, correct = [nan] * K, [zero] * K
+        losses, correct = [None] * K, [None] * K
         stages = self.model.stages
         if self.mode == "dgl":
             h = x
@@ -372,7 +382,7 @@ class Trainer:
             samples = tuple(B if j == trained else 0 for j in range(K))
         for j, n in enumerate(samples):
             self.stage_steps[j] += n > 0
-        return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), B, samples)
+        return self._step_output(losses, correct, B, samples)
 
     # ------------------------------------------------------------------ pipelined engines
 
@@ -387,11 +397,7 @@ class Trainer:
         if res.losses is None:  # graph ticks keep their metrics in device accumulators only
             return StepOutput(None, None, batch_size, res.samples)
         self._engine.sync_to_current()
-        nan = torch.full((), math.nan, device=self.device)
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
-        losses = torch.stack([v if v is not None else nan for v in res.losses])
-        correct = torch.stack([v if v is not None else zero for v in res.correct])
-        return StepOutput(losses, correct, batch_size, res.samples)
+        return self._step_output(res.losses, res.correct, batch_size, res.samples)
 
     def flush(self) -> None:
         """Let every batch inside a pipelined engine finish its remaining stages (a no-op for the
@@ -479,13 +485,11 @@ class Trainer:
         for ev in done:  # the metrics below are computed on the caller's stream
             if ev is not None:
                 cur.wait_event(ev)
-        nan = torch.full((), math.nan, device=self.device)
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
-        losses = [torch.stack([r[0] for r in rs]).mean() if rs else nan for rs in runs]
-        correct = [torch.stack([r[1] for r in rs]).sum() if rs else zero for rs in runs]
+        losses = [torch.stack([r[0] for r in rs]).mean() if rs else None for rs in runs]
+        correct = [torch.stack([r[1] for r in rs]).sum() if rs else None for rs in runs]
         samples = tuple(sum(r[2] for r in rs) for rs in runs)
         self.global_step += 1
-        return StepOutput(torch.stack([v.float() for v in losses]), torch.stack(correct), x.shape[0], samples)
+        return self._step_output(losses, correct, x.shape[0], samples)
 
     def set_lr_factor(self, factor: float) -> None:
         """Set every optimizer's learning rate to its initial value times ``factor``."""
@@ -544,7 +548,10 @@ class Trainer:
                     out = self.step(x, y)
                     seen += out.batch_size
                     if self._engine is None:
-                        weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device, non_blocking=True)
+                        weights = self._fit_weights.get(out.samples)
+                        if weights is None:  # one host-to-device copy per distinct pattern, not per step
+                            weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device)
+                            self._fit_weights[out.samples] = weights
                         loss_sum += torch.nan_to_num(out.losses) * weights
                         hits += out.correct
                         per_stage = [a + b for a, b in zip(per_stage, out.samples)]
