@@ -6,6 +6,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../aux_head.h"
 
 namespace dgl_fast {
@@ -52,24 +55,23 @@ at::Tensor aux_pool_bwd_cpu(const at::Tensor& g, int64_t in_h, int64_t in_w, boo
     const auto go = g.accessor<const scalar_t, 4>();
     auto gi = gx.accessor<scalar_t, 4>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      // Scatter each output cell's share over its window, cells in ascending order: every input
+      // element receives its terms in the same order as the CUDA kernel's gather sums them.
+      std::vector<acc_t> plane(in_h * in_w);
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
-        for (int64_t h = 0; h < in_h; ++h) {
-          for (int64_t w = 0; w < in_w; ++w) {
-            // Sum over the output cells whose window holds (h, w), as the CUDA kernel does.
-            acc_t sum = 0;
-            for (int64_t i = 0; i < oh; ++i) {
-              const int64_t h0 = pool_start(i, in_h, oh), h1 = pool_end(i, in_h, oh);
-              if (h < h0 || h >= h1) continue;
-              for (int64_t j = 0; j < ow; ++j) {
-                const int64_t w0 = pool_start(j, in_w, ow), w1 = pool_end(j, in_w, ow);
-                if (w < w0 || w >= w1) continue;
-                sum += static_cast<acc_t>(go[b][c][i][j]) / static_cast<acc_t>((h1 - h0) * (w1 - w0));
-              }
-            }
-            gi[b][c][h][w] = static_cast<scalar_t>(sum);
+        std::fill(plane.begin(), plane.end(), acc_t(0));
+        for (int64_t i = 0; i < oh; ++i) {
+          const int64_t h0 = pool_start(i, in_h, oh), h1 = pool_end(i, in_h, oh);
+          for (int64_t j = 0; j < ow; ++j) {
+            const int64_t w0 = pool_start(j, in_w, ow), w1 = pool_end(j, in_w, ow);
+            const acc_t share = static_cast<acc_t>(go[b][c][i][j]) / static_cast<acc_t>((h1 - h0) * (w1 - w0));
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w) plane[h * in_w + w] += share;
           }
         }
+        for (int64_t h = 0; h < in_h; ++h)
+          for (int64_t w = 0; w < in_w; ++w) gi[b][c][h][w] = static_cast<scalar_t>(plane[h * in_w + w]);
       }
     });
   });

@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -20,6 +21,8 @@
 
 namespace dgl_fast {
 namespace {
+
+constexpr int64_t kBlock = 64;  // columns a CPU task owns
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
@@ -40,24 +43,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
     const acc_t* bt = beta.const_data_ptr<acc_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* vp = var.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
+    // Blocks of columns, rows walked in memory order (the inner loop runs along a row); each
+    // column is still summed over n in ascending order.
+    at::parallel_for(0, (M + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+      sum_t s1[kBlock], s2[kBlock], mus[kBlock];
+      acc_t inv[kBlock];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t m0 = blk * kBlock, W = std::min(M - m0, kBlock);
         if (training) {  // two passes: mean, then the biased variance around it (sums in double, as ATen's CPU BN)
-          sum_t s = 0;
-          for (int64_t n = 0; n < N; ++n) s += static_cast<sum_t>(zp[n * M + m]);
-          const sum_t mu = s / static_cast<sum_t>(N);
-          sum_t ss = 0;
+          std::fill(s1, s1 + W, sum_t(0));
           for (int64_t n = 0; n < N; ++n) {
-            const sum_t d = static_cast<sum_t>(zp[n * M + m]) - mu;
-            ss += d * d;
+            const scalar_t* row = zp + n * M + m0;
+            for (int64_t k = 0; k < W; ++k) s1[k] += static_cast<sum_t>(row[k]);
           }
-          mp[m] = static_cast<acc_t>(mu);
-          vp[m] = static_cast<acc_t>(ss / static_cast<sum_t>(N));
+          for (int64_t k = 0; k < W; ++k) mus[k] = s1[k] / static_cast<sum_t>(N);
+          std::fill(s2, s2 + W, sum_t(0));
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* row = zp + n * M + m0;
+            for (int64_t k = 0; k < W; ++k) {
+              const sum_t d = static_cast<sum_t>(row[k]) - mus[k];
+              s2[k] += d * d;
+            }
+          }
+          for (int64_t k = 0; k < W; ++k) {
+            mp[m0 + k] = static_cast<acc_t>(mus[k]);
+            vp[m0 + k] = static_cast<acc_t>(s2[k] / static_cast<sum_t>(N));
+          }
         }
-        const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
+        for (int64_t k = 0; k < W; ++k) inv[k] = acc_t(1) / std::sqrt(vp[m0 + k] + static_cast<acc_t>(eps));
         for (int64_t n = 0; n < N; ++n) {
-          const acc_t y = g[m] * ((static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd) + bt[m];
-          op[n * M + m] = static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0));
+          const scalar_t* row = zp + n * M + m0;
+          scalar_t* orow = op + n * M + m0;
+          for (int64_t k = 0; k < W; ++k) {
+            const int64_t m = m0 + k;
+            const acc_t y = g[m] * ((static_cast<acc_t>(row[k]) - mp[m]) * inv[k]) + bt[m];
+            orow[k] = static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0));
+          }
         }
       }
     });
@@ -89,30 +110,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     acc_t* dg = grad_gamma.mutable_data_ptr<acc_t>();
     acc_t* db = grad_beta.mutable_data_ptr<acc_t>();
     acc_t* dbias = grad_bias.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
-        sum_t sg = 0, sgx = 0;
+    at::parallel_for(0, (M + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+      sum_t sg[kBlock], sgx[kBlock], sdz[kBlock];
+      acc_t inv[kBlock], sum_g[kBlock], sum_gx[kBlock];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t m0 = blk * kBlock, W = std::min(M - m0, kBlock);
+        for (int64_t k = 0; k < W; ++k) inv[k] = acc_t(1) / std::sqrt(vp[m0 + k] + static_cast<acc_t>(eps));
+        std::fill(sg, sg + W, sum_t(0));
+        std::fill(sgx, sgx + W, sum_t(0));
         for (int64_t n = 0; n < N; ++n) {
-          const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
-          const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
-          sg += g;
-          sgx += static_cast<sum_t>(g) * xhat;
+          const scalar_t* zrow = zp + n * M + m0;
+          const scalar_t* grow = gp + n * M + m0;
+          for (int64_t k = 0; k < W; ++k) {
+            const int64_t m = m0 + k;
+            const acc_t xhat = (static_cast<acc_t>(zrow[k]) - mp[m]) * inv[k];
+            const acc_t gv = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(grow[k]) : acc_t(0);
+            sg[k] += gv;
+            sgx[k] += static_cast<sum_t>(gv) * xhat;
+          }
         }
-        const acc_t sum_g = static_cast<acc_t>(sg), sum_gx = static_cast<acc_t>(sgx);
-        dg[m] = sum_gx;
-        db[m] = sum_g;
-        const acc_t scale = ga[m] * invstd;
+        for (int64_t k = 0; k < W; ++k) {
+          sum_g[k] = static_cast<acc_t>(sg[k]);
+          sum_gx[k] = static_cast<acc_t>(sgx[k]);
+          dg[m0 + k] = sum_gx[k];
+          db[m0 + k] = sum_g[k];
+        }
         const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
-        sum_t sum_dz = 0;
+        std::fill(sdz, sdz + W, sum_t(0));
         for (int64_t n = 0; n < N; ++n) {
-          const acc_t xhat = (static_cast<acc_t>(zp[n * M + m]) - mp[m]) * invstd;
-          const acc_t g = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(gp[n * M + m]) : acc_t(0);
-          const acc_t dz = training ? scale * (g - sum_g * inv_n - xhat * sum_gx * inv_n) : scale * g;
-          gz[n * M + m] = static_cast<scalar_t>(dz);
-          sum_dz += static_cast<sum_t>(static_cast<scalar_t>(dz));
+          const scalar_t* zrow = zp + n * M + m0;
+          const scalar_t* grow = gp + n * M + m0;
+          scalar_t* dzrow = gz + n * M + m0;
+          for (int64_t k = 0; k < W; ++k) {
+            const int64_t m = m0 + k;
+            const acc_t xhat = (static_cast<acc_t>(zrow[k]) - mp[m]) * inv[k];
+            const acc_t gv = (ga[m] * xhat + bt[m] > acc_t(0)) ? static_cast<acc_t>(grow[k]) : acc_t(0);
+            const acc_t scale = ga[m] * inv[k];
+            const acc_t dz = training ? scale * (gv - sum_g[k] * inv_n - xhat * sum_gx[k] * inv_n) : scale * gv;
+            dzrow[k] = static_cast<scalar_t>(dz);
+            sdz[k] += static_cast<sum_t>(static_cast<scalar_t>(dz));
+          }
         }
-        dbias[m] = static_cast<acc_t>(sum_dz);
+        for (int64_t k = 0; k < W; ++k) dbias[m0 + k] = static_cast<acc_t>(sdz[k]);
       }
     });
   });
