@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import copy_bandwidth_gbs, env_header, graph_of, time_us, write_results  # noqa: E402
+from common import copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
 
@@ -88,10 +88,9 @@ def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
 
 
 def markdown(header, ceiling, rows) -> str:
-    lines = [f"# Auxiliary-head forward + backward ({header['device']})", "",
-             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", "",
-             f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).", "",
-             "| kind | input | dtype | ref eager | ref graph | ref compile | fused eager | fused graph | "
+    lines = md_header(header, "Auxiliary-head forward + backward",
+                      f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).")
+    lines += ["| kind | input | dtype | ref eager | ref graph | ref compile | fused eager | fused graph | "
              "x vs ref graph | x vs ref eager | fused GB/s (% copy) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 

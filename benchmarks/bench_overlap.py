@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, device_tag, env_header, graph_of, time_us, write_results  # noqa: E402
+from common import RESULTS, device_tag, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
 from dgl_fast.engine import GraphSGD  # noqa: E402
@@ -232,10 +232,9 @@ def markdown(header, rows) -> str:
     cols = ["backprop_eager", "backprop_graph", "dgl_authors_way", "dgl_graphs_1stream", "dgl_graphs_kstreams",
             "dgl_pipeline_cpu", "async_dgl"]
     present = [c for c in cols if any(c in r for r in rows)]
-    lines = [f"# Stage overlap ({header['device']})", "",
-             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", "",
-             "Images per second (higher is better); speedups of the best DGL engine over each baseline.", "",
-             "| config | K | batch | precision | " + " | ".join(present) +
+    lines = md_header(header, "Stage overlap",
+                      "Images per second (higher is better); speedups of the best DGL engine over each baseline.")
+    lines += ["| config | K | batch | precision | " + " | ".join(present) +
              " | x backprop graph | x authors' way | overlap eff. | mem DGL / backprop MiB |",
              "|" + "---|" * (7 + len(present) + 1)]
     for r in rows:

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from authors_async import AuthorsAsyncDGL, HostReplayBuffer  # noqa: E402
-from common import copy_bandwidth_gbs, env_header, graph_of, time_us, write_results  # noqa: E402
+from common import copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
 
@@ -137,10 +137,9 @@ def bench_async(device, batch, capacity, steps, width, quick):
 
 
 def markdown(header, ceiling, rows, asy) -> str:
-    lines = [f"# Replay buffer benchmark ({header['device']})", "",
-             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", "",
-             f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s (read + write).", "",
-             "| net | batch shape | storage | push us | sample us | push GB/s (% copy) | sample GB/s (% copy) |"
+    lines = md_header(header, "Replay buffer benchmark",
+                      f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s (read + write).")
+    lines += ["| net | batch shape | storage | push us | sample us | push GB/s (% copy) | sample GB/s (% copy) |"
              " push graph us | sample graph us | index_copy_ us | index_select us | host push us | host sample us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def g(r, k):

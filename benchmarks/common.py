@@ -27,7 +27,8 @@ def env_header(device: torch.device) -> dict:
         "dgl_fast": dgl_fast.__version__,
         "build": dgl_fast.build_config(),
         "python": platform.python_version(),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": " ".join(["python", os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else sys.argv[0],
+                             *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -85,6 +86,15 @@ def graph_of(fn, device: torch.device):
     with torch.cuda.graph(g):
         fn()
     return g.replay
+
+
+def md_header(header: dict, title: str, *notes: str) -> list[str]:
+    """First lines of a results .md: title with the device, versions, date and command, then notes."""
+    lines = [f"# {title} ({header['device']})", "",
+             f"torch {header['torch']}, CUDA {header['cuda']}, {header['date']}, `{header['command']}`", ""]
+    for note in notes:
+        lines += [note, ""]
+    return lines
 
 
 def write_results(name: str, device: torch.device, payload: dict, markdown: str) -> tuple[str, str]:

@@ -21,6 +21,12 @@ def test_bench_overlap_quick(capsys):
     assert "| aux-study-k3 | 3 | 8 | fp32 |" in out and "dgl_pipeline_cpu" in out
 
 
+def test_bench_accuracy_quick(capsys):
+    assert cli.main(["bench", "accuracy", "--quick", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| dgl |" in out and "| backprop |" in out
+
+
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
-    assert "no benchmark 'nosuch'; expected one of aux_head, overlap, replay" in capsys.readouterr().err
+    assert "no benchmark 'nosuch'; expected one of accuracy, aux_head, overlap, replay" in capsys.readouterr().err
