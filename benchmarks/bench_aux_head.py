@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
+from common import cell, copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
 
@@ -94,15 +94,12 @@ def markdown(header, ceiling, rows) -> str:
              "x vs ref graph | x vs ref eager | fused GB/s (% copy) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def f(r, k):
-        return f"{r[k]:.1f}" if k in r else "-"
-
     for r in rows:
         best = r.get("fused_graph_us", r["fused_eager_us"])
         vs_graph = f"{r['ref_graph_us'] / best:.1f}x" if "ref_graph_us" in r else "-"
         gbs = r["fused_best_gbs"]
-        lines.append(f"| {r['kind']} | {r['shape']} | {r['dtype']} | {f(r, 'ref_eager_us')} | {f(r, 'ref_graph_us')} | "
-                     f"{f(r, 'ref_compile_us')} | {f(r, 'fused_eager_us')} | {f(r, 'fused_graph_us')} | {vs_graph} | "
+        lines.append(f"| {r['kind']} | {r['shape']} | {r['dtype']} | {cell(r, 'ref_eager_us')} | {cell(r, 'ref_graph_us')} | "
+                     f"{cell(r, 'ref_compile_us')} | {cell(r, 'fused_eager_us')} | {cell(r, 'fused_graph_us')} | {vs_graph} | "
                      f"{r['ref_eager_us'] / best:.1f}x | {gbs:.0f} ({100 * gbs / ceiling:.1f}%) |")
     return "\n".join(lines) + "\n"
 

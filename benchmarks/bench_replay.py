@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from authors_async import AuthorsAsyncDGL, HostReplayBuffer  # noqa: E402
-from common import copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
+from common import cell, copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
 
@@ -142,15 +142,12 @@ def markdown(header, ceiling, rows, asy) -> str:
     lines += ["| net | batch shape | storage | push us | sample us | push GB/s (% copy) | sample GB/s (% copy) |"
              " push graph us | sample graph us | index_copy_ us | index_select us | host push us | host sample us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    def g(r, k):
-        return f"{r[k]:.1f}" if k in r else "-"
-
     for r in rows:
         lines.append(f"| {r['net']} | {r['shape']} | {r['storage']} | {r['push_us']:.1f} | {r['sample_us']:.1f} | "
                      f"{r['push_gbs']:.0f} ({100 * r['push_frac_of_copy']:.0f}%) | "
-                     f"{r['sample_gbs']:.0f} ({100 * r['sample_frac_of_copy']:.0f}%) | {g(r, 'push_graph_us')} | "
-                     f"{g(r, 'sample_graph_us')} | {g(r, 'index_copy_us')} | {g(r, 'index_select_us')} | "
-                     f"{g(r, 'host_push_us')} | {g(r, 'host_sample_us')} |")
+                     f"{r['sample_gbs']:.0f} ({100 * r['sample_frac_of_copy']:.0f}%) | {cell(r, 'push_graph_us')} | "
+                     f"{cell(r, 'sample_graph_us')} | {cell(r, 'index_copy_us')} | {cell(r, 'index_select_us')} | "
+                     f"{cell(r, 'host_push_us')} | {cell(r, 'host_sample_us')} |")
     lines += ["", "## Asynchronous DGL, authors' configuration", "",
               f"config: {asy['config']}", "",
               "| dgl_fast Trainer(mode='async') | the authors' way (host buffer, eager, sync per step) | speedup |",

@@ -97,6 +97,11 @@ def md_header(header: dict, title: str, *notes: str) -> list[str]:
     return lines
 
 
+def cell(row: dict, key: str, fmt: str = ".1f") -> str:
+    """A table cell: ``row[key]`` formatted, or "-" when this run did not measure it."""
+    return format(row[key], fmt) if key in row else "-"
+
+
 def write_results(name: str, device: torch.device, payload: dict, markdown: str) -> tuple[str, str]:
     """Write ``<name>-<gpu>.json`` and ``.md`` under benchmarks/results/."""
     os.makedirs(RESULTS, exist_ok=True)
