@@ -3,10 +3,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace dgl_fast {
@@ -61,6 +65,22 @@ inline void check_lbr_args(const at::Tensor& x, const at::Tensor& w, const c10::
   }
   TORCH_CHECK(!training || x.size(0) > 1, "linear_bn_relu: expected more than 1 value per channel when training, got ",
               "input rows of shape ", x.sizes());
+}
+
+// What linear_bn_relu's kernels fill in, prepared the same way on every device: the arguments
+// checked, z = x @ w.T (+ bias) by the device's BLAS, out allocated, and mean / var allocated
+// (training) or copied from the running statistics (eval). Returns (out, z, mean, var).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lbr_forward_setup(
+    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training) {
+  check_lbr_args(x, w, bias, gamma, beta, running_mean, running_var, training);
+  at::Tensor z = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  const int64_t N = z.size(0), M = z.size(1);
+  const auto sdt = stat_dtype(x.scalar_type());
+  at::Tensor out = at::empty({N, M}, z.options());
+  at::Tensor mean = training ? at::empty({M}, z.options().dtype(sdt)) : running_mean.clone();
+  at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
+  return {out, z, mean, var};
 }
 
 inline void check_bn_update_args(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,

@@ -44,7 +44,8 @@ TORCH_LIBRARY(dgl_fast, m) {
   //   for float64 inputs). The running statistics are not touched here: see bn_update_stats.
   m.def("linear_bn_relu(Tensor x, Tensor weight, Tensor? bias, Tensor gamma, Tensor beta, Tensor running_mean, "
         "Tensor running_var, bool training, float eps) -> (Tensor out, Tensor z, Tensor mean, Tensor var)");
-  //   -> (grad_x, grad_weight, grad_bias (zeros [M] when bias is None), grad_gamma, grad_beta)
+  //   -> (grad_x, grad_weight, grad_bias, grad_gamma, grad_beta); grad_bias is the column sum of the
+  //   gradient of z, what a bias would receive (the autograd wrapper drops it when bias is None).
   m.def("linear_bn_relu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor z, Tensor mean, Tensor var, "
         "Tensor gamma, Tensor beta, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // nn.BatchNorm's running-statistics update for several layers in one launch:

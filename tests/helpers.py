@@ -73,3 +73,13 @@ def assert_same_state(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in a memory layout: "nchw", "channels_last", or "noncontig" (a
+    strided view: every other column of a wider tensor)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontig":
+        return torch.cat([x, x], dim=3)[..., ::2]
+    return x

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dgl_fast import AuxHead, ops, reference
+from helpers import in_layout
 
 # (C, s) of every stage output of VGG-13 K=4 and of the aux-study net, at CIFAR size.
 VGG13_K4 = [(128, 16), (256, 8), (512, 2)]
@@ -26,15 +27,6 @@ def assert_within_2x(ours, theirs, exact, what="", scale=None):
     assert err_ours <= 2 * err_torch + floor, f"{what}: error {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
 
 
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "noncontig":  # a strided view: every other column of a wider tensor
-        wide = torch.cat([x, x], dim=3)
-        return wide[..., ::2]
-    return x
-
-
 # --- aux_pool --------------------------------------------------------------------------------------
 
 
@@ -44,7 +36,7 @@ def _layout(x, layout):
 @pytest.mark.parametrize("channels_last_out", [False, True])
 def test_aux_pool_matches_adaptive_avg_pool(device, shape, out, layout, channels_last_out):
     torch.manual_seed(0)
-    x = _layout(torch.randn(shape, device=device), layout)
+    x = in_layout(torch.randn(shape, device=device), layout)
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
     ya = ops.aux_pool(a, out, channels_last_out)
@@ -200,7 +192,7 @@ def _compare_head(kind, C, s, B, device, layout="nchw", hidden=None, steps=2):
     plain = copy.deepcopy(fused).to_reference()
     exact = copy.deepcopy(fused).double().to_reference()
     for _ in range(steps):
-        x = _layout(torch.randn(B, C, s, s, device=device), layout)
+        x = in_layout(torch.randn(B, C, s, s, device=device), layout)
         y = torch.randint(0, 10, (B,), device=device)
         outs = {}
         for name, fn, dt in (("ours", fused.loss, torch.float32), ("torch", plain, torch.float32),
@@ -237,7 +229,7 @@ def _compare_head_float64(fused, B, device, layout, steps):
     ref_seq = ref.to_reference()
     C, (s, _) = fused.in_channels, fused.in_size
     for _ in range(steps):
-        x = _layout(torch.randn(B, C, s, s, device=device, dtype=torch.float64), layout)
+        x = in_layout(torch.randn(B, C, s, s, device=device, dtype=torch.float64), layout)
         y = torch.randint(0, 10, (B,), device=device)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         loss, correct = fused.loss(xa, y)

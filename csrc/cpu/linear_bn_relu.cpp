@@ -27,13 +27,9 @@ constexpr int64_t kBlock = 64;  // columns a CPU task owns
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
-  check_lbr_args(x, w, bias, gamma, beta, running_mean, running_var, training);
-  const at::Tensor z = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  at::Tensor out, z, mean, var;
+  std::tie(out, z, mean, var) = lbr_forward_setup(x, w, bias, gamma, beta, running_mean, running_var, training);
   const int64_t N = z.size(0), M = z.size(1);
-  const auto sdt = stat_dtype(x.scalar_type());
-  at::Tensor out = at::empty({N, M}, z.options());
-  at::Tensor mean = training ? at::empty({M}, z.options().dtype(sdt)) : running_mean.clone();
-  at::Tensor var = training ? at::empty({M}, z.options().dtype(sdt)) : running_var.clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;

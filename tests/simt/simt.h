@@ -1,0 +1,272 @@
+// A SIMT emulator: runs dgl_fast's CUDA kernels (csrc/cuda/*.cuh) on the CPU, one fiber per CUDA
+// thread, so their index arithmetic, reductions, warp shuffles and barriers are tested on machines
+// without a GPU. Test-only; never part of the library.
+//
+// What it models:
+//   - threadIdx / blockIdx / blockDim / gridDim, blocks run one at a time (in a shuffled order when
+//     a seed is set), every thread of a block on its own stack (ucontext fibers);
+//   - __syncthreads(): a barrier of every thread of the block. A thread that has returned never
+//     arrives, so a barrier that some threads skip is reported as a deadlock (CUDA leaves it
+//     undefined), not silently passed;
+//   - __shfl_xor_sync(full mask, v, lane_mask): an exchange among all lanes of the warp (32
+//     consecutive linear thread ids), with a barrier on each side; a partial mask is reported;
+//   - __shared__ variables: function statics, shared by the block that runs;
+//   - scheduling: between two barriers, threads run in a shuffled order when a seed is set, so a
+//     kernel whose result depends on the order of threads (a race on shared memory) gives
+//     different bits under different seeds.
+// What it does not model: memory bounds, the memory model beyond barriers, atomics, timing.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+
+// Device math as CUDA resolves it: float overloads for float arguments.
+using std::exp;
+using std::isnan;
+using std::log;
+using std::sqrt;
+
+namespace simt {
+
+constexpr int kWarpSize = 32;
+
+struct Stats {
+  int64_t launches = 0, blocks = 0, threads = 0, block_barriers = 0, warp_exchanges = 0;
+};
+
+struct Group {  // a barrier: `size` arrivals release it and bump `generation`
+  int size = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Thread {
+  ucontext_t ctx;
+  uint3 tid;
+  int warp = 0, lane = 0;
+  bool done = false;
+  Group* waiting_on = nullptr;
+  uint64_t waiting_generation = 0;
+  const char* where = "";
+};
+
+struct Block {
+  dim3 grid, block;
+  uint3 bid;
+  std::vector<Thread> threads;
+  Group barrier;
+  std::vector<Group> warp_barriers;
+  std::vector<unsigned char> warp_slots;  // [warps][32][16] bytes exchanged by shuffles
+  ucontext_t scheduler;
+  Thread* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::string error;
+};
+
+inline thread_local Block* g_block = nullptr;
+inline Stats g_stats;
+inline uint64_t g_seed = 0;
+
+inline Thread& self() { return *g_block->current; }
+
+// Records an error of the running thread and leaves it for good (the launch then throws).
+[[noreturn]] inline void fail(const std::string& what) {
+  Block& b = *g_block;
+  Thread& t = self();
+  if (b.error.empty())
+    b.error = what + " (block " + std::to_string(b.bid.x) + "," + std::to_string(b.bid.y) + "," +
+              std::to_string(b.bid.z) + ", thread " + std::to_string(t.tid.x) + "," + std::to_string(t.tid.y) + "," +
+              std::to_string(t.tid.z) + ")";
+  t.done = true;
+  setcontext(&b.scheduler);
+  std::abort();  // unreachable
+}
+
+inline void arrive(Group& g, const char* where) {
+  Thread& t = self();
+  const uint64_t gen = g.generation;
+  if (++g.arrived == g.size) {
+    g.arrived = 0;
+    ++g.generation;
+    return;
+  }
+  t.waiting_on = &g;
+  t.waiting_generation = gen;
+  t.where = where;
+  swapcontext(&t.ctx, &g_block->scheduler);
+}
+
+inline void syncthreads() {
+  ++g_stats.block_barriers;
+  arrive(g_block->barrier, "__syncthreads");
+}
+
+template <typename T>
+T shfl_xor(unsigned mask, T value, int lane_mask, int width = kWarpSize) {
+  static_assert(sizeof(T) <= 16, "simt: shuffles of at most 16 bytes");
+  Block& b = *g_block;
+  Thread& t = self();
+  Group& g = b.warp_barriers[t.warp];
+  const unsigned full = g.size == kWarpSize ? 0xffffffffu : ((1u << g.size) - 1u);
+  if (width != kWarpSize) fail("__shfl_xor_sync: only width 32 is emulated");
+  if (mask != full) fail("__shfl_xor_sync: mask " + std::to_string(mask) + " is not the full warp");
+  const int src = t.lane ^ lane_mask;
+  if (src < 0 || src >= g.size) fail("__shfl_xor_sync: source lane " + std::to_string(src) + " outside the warp");
+  ++g_stats.warp_exchanges;
+  unsigned char* slots = b.warp_slots.data() + static_cast<size_t>(t.warp) * kWarpSize * 16;
+  std::memcpy(slots + t.lane * 16, &value, sizeof(T));
+  arrive(g, "__shfl_xor_sync (write)");
+  T out;
+  std::memcpy(&out, slots + src * 16, sizeof(T));
+  arrive(g, "__shfl_xor_sync (read)");
+  return out;
+}
+
+inline void thread_entry() {
+  Block& b = *g_block;
+  try {
+    (*b.body)();
+  } catch (const std::exception& e) {
+    if (b.error.empty()) b.error = std::string("exception in a kernel thread: ") + e.what();
+  }
+  self().done = true;
+}
+
+// Runs one block to completion; throws on a kernel error or a deadlock.
+inline void run_block(Block& b, std::vector<char>& stacks, size_t stack_bytes, std::mt19937_64* rng) {
+  const int n = static_cast<int>(b.threads.size());
+  int i = 0;
+  for (unsigned z = 0; z < b.block.z; ++z)
+    for (unsigned y = 0; y < b.block.y; ++y)
+      for (unsigned x = 0; x < b.block.x; ++x, ++i) {
+        Thread& t = b.threads[i];
+        t = Thread{};
+        t.tid = uint3{x, y, z};
+        t.warp = i / kWarpSize;
+        t.lane = i % kWarpSize;
+        getcontext(&t.ctx);
+        t.ctx.uc_stack.ss_sp = stacks.data() + static_cast<size_t>(i) * stack_bytes;
+        t.ctx.uc_stack.ss_size = stack_bytes;
+        t.ctx.uc_link = &b.scheduler;
+        makecontext(&t.ctx, thread_entry, 0);
+      }
+  b.barrier = Group{n, 0, 0};
+  const int warps = (n + kWarpSize - 1) / kWarpSize;
+  b.warp_barriers.assign(warps, Group{});
+  for (int w = 0; w < warps; ++w) b.warp_barriers[w].size = std::min(kWarpSize, n - w * kWarpSize);
+  b.warp_slots.assign(static_cast<size_t>(warps) * kWarpSize * 16, 0);
+  b.error.clear();
+
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  for (;;) {
+    if (rng) std::shuffle(order.begin(), order.end(), *rng);
+    bool ran = false, all_done = true;
+    for (int k : order) {
+      Thread& t = b.threads[k];
+      if (t.done) continue;
+      all_done = false;
+      if (t.waiting_on && t.waiting_on->generation == t.waiting_generation) continue;
+      t.waiting_on = nullptr;
+      b.current = &t;
+      swapcontext(&b.scheduler, &t.ctx);
+      ran = true;
+      if (!b.error.empty()) throw std::runtime_error("simt: " + b.error);
+    }
+    if (all_done) return;
+    if (!ran) {
+      int exited = 0, at_block = 0, at_warp = 0;
+      for (const Thread& t : b.threads) {
+        if (t.done) ++exited;
+        else if (t.waiting_on == &b.barrier) ++at_block;
+        else ++at_warp;
+      }
+      throw std::runtime_error("simt: deadlock in block (" + std::to_string(b.bid.x) + "," + std::to_string(b.bid.y) +
+                               "," + std::to_string(b.bid.z) + "): " + std::to_string(at_block) +
+                               " threads wait at __syncthreads, " + std::to_string(at_warp) +
+                               " at a warp exchange, " + std::to_string(exited) + " have returned");
+    }
+  }
+}
+
+// Runs `body` as a kernel on grid x block threads.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body, size_t stack_bytes = 64 << 10) {
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const uint64_t nthreads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64)
+    throw std::runtime_error("simt: invalid block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                             std::to_string(block.z) + ")");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("simt: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + ")");
+  ++g_stats.launches;
+  std::vector<uint3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  std::unique_ptr<std::mt19937_64> rng;
+  if (g_seed != 0) {
+    rng = std::make_unique<std::mt19937_64>(g_seed + g_stats.launches);
+    std::shuffle(blocks.begin(), blocks.end(), *rng);
+  }
+  std::vector<char> stacks(static_cast<size_t>(nthreads) * stack_bytes);
+  Block b;
+  b.grid = grid;
+  b.block = block;
+  b.body = &body;
+  b.threads.resize(nthreads);
+  Block* const outer = g_block;
+  g_block = &b;
+  try {
+    for (const uint3& bid : blocks) {
+      b.bid = bid;
+      run_block(b, stacks, stack_bytes, rng.get());
+      ++g_stats.blocks;
+      g_stats.threads += static_cast<int64_t>(nthreads);
+    }
+  } catch (...) {
+    g_block = outer;
+    throw;
+  }
+  g_block = outer;
+}
+
+}  // namespace simt
+
+// CUDA's spelling, for kernels compiled on the host.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define threadIdx (::simt::self().tid)
+#define blockIdx (::simt::g_block->bid)
+#define blockDim (::simt::g_block->block)
+#define gridDim (::simt::g_block->grid)
+#define __syncthreads() ::simt::syncthreads()
+#define __shfl_xor_sync(mask, value, lane_mask) ::simt::shfl_xor((mask), (value), (lane_mask))

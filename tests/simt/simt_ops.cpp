@@ -1,0 +1,161 @@
+// dgl_fast's CUDA ops, host logic and kernels alike (csrc/cuda/*.cuh), instantiated with the SIMT
+// emulator of simt.h instead of CUDA launches, on CPU tensors. Built on demand by tests/test_simt.py
+// (torch.utils.cpp_extension.load); each function mirrors the CUDA registration of the same op.
+#include <torch/extension.h>
+
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "simt.h"  // after the torch headers: it defines CUDA's built-in names as macros
+
+#include "cuda/aux_pool.cuh"
+#include "cuda/linear_bn_relu.cuh"
+#include "cuda/replay_buffer.cuh"
+#include "cuda/softmax_xent.cuh"
+
+namespace {
+
+int g_multiprocessors = 132;  // H100 SXM; tests vary it to take every launch-configuration branch
+
+struct SimtLauncher {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
+    // Each emulated thread gets its own copy of the arguments, as CUDA threads do.
+    const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    simt::launch(grid, block, [&] { std::apply(kernel, params); });
+  }
+  int multiprocessors() const { return g_multiprocessors; }
+};
+
+void check_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "simt.", what, ": the emulator runs on CPU tensors, got ", t.device());
+}
+
+void configure(int64_t seed, int64_t multiprocessors) {
+  TORCH_CHECK(multiprocessors >= 1, "simt.configure: multiprocessors must be >= 1");
+  simt::g_seed = static_cast<uint64_t>(seed);
+  g_multiprocessors = static_cast<int>(multiprocessors);
+}
+
+std::map<std::string, int64_t> stats() {
+  const simt::Stats& s = simt::g_stats;
+  return {{"launches", s.launches},
+          {"blocks", s.blocks},
+          {"threads", s.threads},
+          {"block_barriers", s.block_barriers},
+          {"warp_exchanges", s.warp_exchanges}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_xent(const at::Tensor& logits, const at::Tensor& labels) {
+  check_cpu(logits, "softmax_xent");
+  return dgl_fast::softmax_xent_impl(logits, labels, SimtLauncher{});
+}
+
+at::Tensor aux_pool(const at::Tensor& x, int64_t out_h, int64_t out_w, bool channels_last_out) {
+  check_cpu(x, "aux_pool");
+  return dgl_fast::aux_pool_impl(x, out_h, out_w, channels_last_out, SimtLauncher{});
+}
+
+at::Tensor aux_pool_bwd(const at::Tensor& g, int64_t in_h, int64_t in_w, bool channels_last_in) {
+  check_cpu(g, "aux_pool_bwd");
+  return dgl_fast::aux_pool_bwd_impl(g, in_h, in_w, channels_last_in, SimtLauncher{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu(
+    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
+  check_cpu(x, "linear_bn_relu");
+  return dgl_fast::linear_bn_relu_impl(x, w, bias, gamma, beta, running_mean, running_var, training, eps,
+                                       SimtLauncher{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, bool training, double eps) {
+  check_cpu(z, "linear_bn_relu_bwd");
+  return dgl_fast::linear_bn_relu_bwd_impl(grad_out, x, w, z, mean, var, gamma, beta, training, eps, SimtLauncher{});
+}
+
+void bn_update_stats(std::vector<at::Tensor> rms, std::vector<at::Tensor> rvs, std::vector<at::Tensor> nbt,
+                     std::vector<at::Tensor> means, std::vector<at::Tensor> vars, std::vector<int64_t> counts,
+                     std::vector<double> momentums) {
+  for (const auto& t : rms) check_cpu(t, "bn_update_stats");
+  dgl_fast::bn_update_stats_impl(rms, rvs, nbt, means, vars, counts, momentums, SimtLauncher{});
+}
+
+void replay_push(at::Tensor storage, at::Tensor label_store, at::Tensor state, at::Tensor uses, at::Tensor stamps,
+                 const at::Tensor& x, const at::Tensor& y) {
+  check_cpu(storage, "replay_push");
+  dgl_fast::replay_push_impl(storage, label_store, state, uses, stamps, x, y, SimtLauncher{});
+}
+
+void replay_sample(at::Tensor state, at::Tensor uses, const at::Tensor& stamps, const at::Tensor& storage,
+                   const at::Tensor& label_store, at::Tensor out, at::Tensor out_labels, at::Tensor info,
+                   int64_t policy, int64_t max_reuse, int64_t seed) {
+  check_cpu(storage, "replay_sample");
+  dgl_fast::replay_sample_impl(state, uses, stamps, storage, label_store, out, out_labels, info, policy, max_reuse,
+                               seed, SimtLauncher{});
+}
+
+// Kernels that break the emulator's rules on purpose, so tests can check it reports them.
+__global__ void skipped_barrier_kernel(int* out) {
+  if (threadIdx.x == 0) return;  // thread 0 never reaches the barrier
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void racy_block_sum_kernel(int64_t* out) {
+  __shared__ int64_t cell[1];
+  if (threadIdx.x == 0) cell[0] = 0;
+  __syncthreads();
+  // Read-modify-write without a barrier between threads' reads and writes: the result depends on
+  // which thread runs when. A correct kernel needs a reduction here.
+  const int64_t seen = cell[0];
+  __syncthreads();
+  cell[0] = seen + static_cast<int64_t>(threadIdx.x) + 1;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = cell[0];
+}
+
+__global__ void one_past_the_end_kernel(int64_t* out, int64_t n) {
+  if (threadIdx.x == 0) out[n] = 1;  // writes the element after the tensor's last
+}
+
+void misuse(const std::string& which, at::Tensor out) {
+  check_cpu(out, "misuse");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong, "simt.misuse: expected a contiguous int64 tensor");
+  if (which == "skipped_barrier") {
+    at::Tensor ints = at::zeros({64}, out.options().dtype(at::kInt));
+    SimtLauncher{}(skipped_barrier_kernel, dim3(1), dim3(64), ints.mutable_data_ptr<int>());
+  } else if (which == "racy_sum") {
+    SimtLauncher{}(racy_block_sum_kernel, dim3(1), dim3(64), out.mutable_data_ptr<int64_t>());
+  } else if (which == "out_of_bounds") {
+#if defined(__SANITIZE_ADDRESS__)
+    SimtLauncher{}(one_past_the_end_kernel, dim3(1), dim3(32), out.mutable_data_ptr<int64_t>(), out.numel());
+#else
+    TORCH_CHECK(false, "simt.misuse: the out-of-bounds case runs only in the AddressSanitizer build");
+#endif
+  } else {
+    TORCH_CHECK(false, "simt.misuse: unknown case ", which);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dgl_fast's CUDA kernels run by a CPU SIMT emulator (tests only)";
+  m.def("configure", &configure, py::arg("seed"), py::arg("multiprocessors"));
+  m.def("stats", &stats);
+  m.def("softmax_xent", &softmax_xent);
+  m.def("aux_pool", &aux_pool);
+  m.def("aux_pool_bwd", &aux_pool_bwd);
+  m.def("linear_bn_relu", &linear_bn_relu);
+  m.def("linear_bn_relu_bwd", &linear_bn_relu_bwd);
+  m.def("bn_update_stats", &bn_update_stats);
+  m.def("replay_push", &replay_push);
+  m.def("replay_sample", &replay_sample);
+  m.def("misuse", &misuse);
+}

@@ -1,0 +1,337 @@
+"""dgl_fast's CUDA kernels, run on the CPU by a SIMT emulator (tests/simt).
+
+The CUDA ops' host logic and kernels live in csrc/cuda/<op>.cuh, written against a launcher;
+tests/simt/simt_ops.cpp instantiates them with an emulator that runs every CUDA thread as a fiber
+(barriers, warp shuffles, shared memory, grid-stride loops). So on machines without a GPU, CI
+still executes the exact kernel code of every CUDA op and checks it against plain PyTorch in
+float64, against the CPU kernels, and against itself under shuffled thread schedules (a kernel
+whose bits depend on the order of its threads has a race)."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgl_fast import reference
+from helpers import in_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_SMS = 132
+# Set by test_kernels_under_address_sanitizer for the run of this file it starts.
+ASAN = os.environ.get("DGL_FAST_SIMT_ASAN") == "1"
+
+
+@pytest.fixture(scope="module")
+def simt():
+    from torch.utils.cpp_extension import load
+
+    name = "dgl_fast_simt_asan" if ASAN else "dgl_fast_simt"
+    cflags, ldflags = ["-O2", "-Wno-unknown-pragmas"], []
+    if ASAN:
+        cflags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wno-unknown-pragmas"]
+        ldflags = ["-fsanitize=address"]
+    build = ROOT / "build" / name
+    build.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MAX_JOBS", "2")
+    mod = load(name=name, sources=[str(ROOT / "tests" / "simt" / "simt_ops.cpp")],
+               extra_include_paths=[str(ROOT / "csrc")], extra_cflags=cflags, extra_ldflags=ldflags,
+               build_directory=str(build), verbose=False)
+    mod.configure(0, H100_SMS)
+    yield mod
+    mod.configure(0, H100_SMS)
+
+
+def under_seeds(simt, fn, seeds=(0, 12345)):
+    """Runs `fn` under several thread schedules; asserts every result is bitwise the same."""
+    results = []
+    for seed in seeds:
+        simt.configure(seed, H100_SMS)
+        results.append(fn())
+    simt.configure(0, H100_SMS)
+    first = results[0]
+    for other in results[1:]:
+        for a, b in zip(first, other):
+            assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan())), \
+                "kernel result depends on the thread schedule"
+    return first
+
+
+# --- the emulator itself --------------------------------------------------------------------------
+
+
+def test_emulator_reports_a_skipped_barrier(simt):
+    with pytest.raises(RuntimeError, match="deadlock.*63 threads wait at __syncthreads, 0 at a warp exchange, 1 have"):
+        simt.misuse("skipped_barrier", torch.empty(1, dtype=torch.long))
+
+
+def test_emulator_schedules_expose_a_race(simt):
+    values = set()
+    for seed in (0, 1, 2, 3):
+        simt.configure(seed, H100_SMS)
+        out = torch.empty(1, dtype=torch.long)
+        simt.misuse("racy_sum", out)
+        values.add(int(out))
+    simt.configure(0, H100_SMS)
+    assert len(values) > 1  # the last thread to write wins, and that depends on the schedule
+    assert values <= set(range(1, 65))
+
+
+def test_emulator_counts_threads_and_barriers(simt):
+    before = simt.stats()
+    simt.softmax_xent(torch.randn(5, 40), torch.randint(0, 40, (5,)))
+    after = simt.stats()
+    assert after["launches"] - before["launches"] == 1
+    assert after["threads"] - before["threads"] == 256  # one block of 8 warps
+    assert after["block_barriers"] - before["block_barriers"] == 256  # one __syncthreads per thread
+    # 5 rows x (5 steps of max and arg-max + 5 of the sum) x 32 lanes
+    assert after["warp_exchanges"] - before["warp_exchanges"] == 5 * 15 * 32
+
+
+# --- softmax_xent -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 10), (7, 13), (33, 37), (128, 10), (129, 70), (300, 10)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softmax_xent(simt, shape, dtype):
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    B, C = shape
+    logits = (3 * torch.randn(C, B, generator=g)).t().to(dtype)  # non-contiguous
+    labels = torch.randint(0, C, (B,), generator=g)
+    loss, dlogits, correct = under_seeds(simt, lambda: simt.softmax_xent(logits, labels))
+    rloss, rgrad, rcorrect = reference.softmax_xent(logits.double(), labels)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(loss.double(), rloss, rtol=tol, atol=tol)
+    torch.testing.assert_close(dlogits.double(), rgrad, rtol=tol, atol=tol)
+    assert int(correct) == int(rcorrect)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and dlogits.dtype == dtype
+    # the CPU kernel of the same op agrees
+    closs, cgrad, ccorrect = torch.ops.dgl_fast.softmax_xent(logits, labels)
+    torch.testing.assert_close(loss, closs, rtol=tol, atol=tol)
+    torch.testing.assert_close(dlogits, cgrad, rtol=tol, atol=tol)
+    assert int(correct) == int(ccorrect)
+
+
+def test_softmax_xent_bf16_within_2x_of_pytorch(simt):
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(65, 100, generator=g)).bfloat16()
+    labels = torch.randint(0, 100, (65,), generator=g)
+    loss, grad, correct = simt.softmax_xent(logits, labels)
+    _, exact, _ = reference.softmax_xent(logits.double(), labels)
+    x = logits.clone().requires_grad_()
+    F.cross_entropy(x, labels).backward()
+    assert (grad.double() - exact).abs().max() <= 2 * (x.grad.double() - exact).abs().max() + 1e-6
+    assert int(correct) == int((logits.argmax(1) == labels).sum())
+
+
+def test_softmax_xent_ties_nan_and_bad_labels(simt):
+    logits = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0], [0.5, float("nan"), 0.5], [1.0, 2.0, 0.0]])
+    _, _, correct = simt.softmax_xent(logits[:2], torch.tensor([2, 0]))
+    assert int(correct) == 1  # ties take the first index, as torch.argmax
+    _, _, correct = simt.softmax_xent(logits[2:3], torch.tensor([1]))
+    assert int(correct) == int(logits[2:3].argmax(1) == 1) == 1  # NaN ranks first, as torch.argmax
+    loss, _, correct = simt.softmax_xent(logits[3:], torch.tensor([7]))
+    assert loss.isnan() and int(correct) == 0  # a label out of range cannot raise on the device
+
+
+# --- aux_pool -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,out", [((2, 3, 8, 8), (2, 2)), ((3, 5, 7, 9), (2, 3)), ((2, 4, 13, 11), (4, 3)),
+                                       ((1, 2, 1, 1), (2, 2)), ((2, 3, 16, 16), (4, 4))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("channels_last_out", [False, True])
+def test_aux_pool_forward_and_backward(simt, shape, out, layout, channels_last_out):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = in_layout(torch.randn(shape, generator=g, dtype=torch.float64), layout)
+    y = under_seeds(simt, lambda: [simt.aux_pool(x, *out, channels_last_out)])[0]
+    ref = x.clone().requires_grad_()
+    yr = F.adaptive_avg_pool2d(ref, out)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last_out else torch.contiguous_format)
+    grad = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    grad = grad.contiguous(memory_format=torch.channels_last) if channels_last_out else grad
+    yr.backward(grad)
+    channels_last_in = layout == "channels_last"
+    gx = under_seeds(simt, lambda: [simt.aux_pool_bwd(grad, shape[2], shape[3], channels_last_in)])[0]
+    torch.testing.assert_close(gx, ref.grad, rtol=1e-12, atol=1e-12)
+    assert gx.is_contiguous(memory_format=torch.channels_last if channels_last_in else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aux_pool_low_precision(simt, dtype):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 9, 7, generator=g).to(dtype)
+    y = simt.aux_pool(x, 3, 2, False)
+    exact = F.adaptive_avg_pool2d(x.double(), (3, 2))
+    theirs = F.adaptive_avg_pool2d(x, (3, 2))
+    assert y.dtype == dtype
+    assert (y.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max() + 1e-7
+    gy = torch.randn(2, 6, 3, 2, generator=g).to(dtype)
+    gx = simt.aux_pool_bwd(gy, 9, 7, False)
+    torch.testing.assert_close(gx, torch.ops.dgl_fast.aux_pool_bwd(gy, 9, 7, False), rtol=0, atol=0)
+
+
+# --- linear_bn_relu -------------------------------------------------------------------------------
+
+
+def _lbr(N, K, M, bias, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x, w = r(N, K).to(dtype), (r(M, K) / K**0.5).to(dtype)
+    b = r(M).to(dtype) if bias else None
+    gamma, beta = (1 + 0.5 * r(M)).to(sdt), r(M).to(sdt)
+    rm, rv = r(M).to(sdt), (0.5 + torch.rand(M, generator=g, dtype=torch.float64)).to(sdt)
+    return x, w, b, gamma, beta, rm, rv
+
+
+# M = 7, 40, 300 with 1, 4 and 132 SMs: every column-block width (32, 16, 8) and partial blocks.
+@pytest.mark.parametrize("N,K,M", [(2, 3, 7), (3, 11, 40), (17, 5, 300), (128, 9, 40)])
+@pytest.mark.parametrize("sms", [1, 4, H100_SMS])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_bn_relu_forward_and_backward(simt, N, K, M, sms, training, bias):
+    x, w, b, gamma, beta, rm, rv = _lbr(N, K, M, bias, seed=N * 1000 + M)
+    eps = 1e-5
+
+    def run():
+        out, z, mean, var = simt.linear_bn_relu(x, w, b, gamma, beta, rm, rv, training, eps)
+        grad_out = torch.randn(N, M, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        grads = simt.linear_bn_relu_bwd(grad_out, x, w, z, mean, var, gamma, beta, training, eps)
+        return [out, z, mean, var, *grads]
+
+    simt.configure(0, sms)
+    res = under_seeds(simt, run) if sms == H100_SMS else run()
+    simt.configure(0, H100_SMS)
+    out, z, mean, var, gx, gw, gb, gg, gbeta = res
+    # Without a bias, grad_bias is what a zero bias would receive (the column sums of dL/dz).
+    leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta, b if bias else torch.zeros(M, dtype=x.dtype))]
+    rout, rmean, rvar = reference.linear_bn_relu(*leaves[:2], leaves[4], *leaves[2:4], rm, rv, training, eps)
+    rout.backward(torch.randn(N, M, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, rout, **tol)
+    torch.testing.assert_close(mean, rmean, **tol)
+    torch.testing.assert_close(var, rvar, **tol)
+    torch.testing.assert_close(z, F.linear(x, w, b), **tol)
+    torch.testing.assert_close(gx, leaves[0].grad, **tol)
+    torch.testing.assert_close(gw, leaves[1].grad, **tol)
+    torch.testing.assert_close(gg, leaves[2].grad, **tol)
+    torch.testing.assert_close(gbeta, leaves[3].grad, **tol)
+    torch.testing.assert_close(gb, leaves[4].grad, **tol)
+
+
+def test_linear_bn_relu_bf16_matches_cpu_kernel(simt):
+    x, w, b, gamma, beta, rm, rv = _lbr(64, 24, 40, True, seed=4, dtype=torch.bfloat16)
+    got = simt.linear_bn_relu(x, w, b, gamma, beta, rm, rv, True, 1e-5)
+    want = torch.ops.dgl_fast.linear_bn_relu(x, w, b, gamma, beta, rm, rv, True, 1e-5)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.bfloat16] * 2 + [torch.float32] * 2
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layers", [2, 17])  # 17: two launches of at most 16 layers
+def test_bn_update_stats(simt, layers):
+    rnd = random.Random(layers)
+    bns = [torch.nn.BatchNorm1d(rnd.randint(1, 300), momentum=rnd.choice([0.1, 0.3])).double() for _ in range(layers)]
+    for bn in bns:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    xs = [torch.randn(rnd.randint(2, 9), bn.num_features, dtype=torch.float64) for bn in bns]
+    mine = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+    for bn, x in zip(bns, xs):
+        bn(x)
+    simt.bn_update_stats([m[0] for m in mine], [m[1] for m in mine], [m[2] for m in mine], [x.mean(0) for x in xs],
+                         [x.var(0, unbiased=False) for x in xs], [x.shape[0] for x in xs], [bn.momentum for bn in bns])
+    for (rm, rv, nbt), bn in zip(mine, bns):
+        torch.testing.assert_close(rm, bn.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-12, atol=1e-12)
+        assert int(nbt) == 1
+
+
+# --- replay buffer --------------------------------------------------------------------------------
+
+
+def _ring(M, shape, B, storage_dtype):
+    return dict(storage=torch.zeros((M, *shape), dtype=storage_dtype), label_store=torch.zeros(M, B, dtype=torch.long),
+                state=torch.zeros(4, dtype=torch.long), uses=torch.zeros(M, dtype=torch.long),
+                stamps=torch.zeros(M, dtype=torch.long))
+
+
+# (3, 5) float32: 60 bytes, the 4-byte path; (4, 8): 16-byte vectors; bf16 storage: the converting
+# path; float64 and float16 storage of same-dtype data: the 8- and 2-byte paths.
+@pytest.mark.parametrize("shape,dtype,storage_dtype", [((3, 5), torch.float32, torch.float32),
+                                                       ((4, 8), torch.float32, torch.float32),
+                                                       ((3, 7), torch.float32, torch.bfloat16),
+                                                       ((5,), torch.float64, torch.float64),
+                                                       ((3, 3), torch.float16, torch.float16)])
+@pytest.mark.parametrize("policy,max_reuse", [(0, 0), (1, 2), (2, 0), (0, 1)])
+def test_replay_ops_match_cpu_kernels(simt, shape, dtype, storage_dtype, policy, max_reuse):
+    M, B, seed = 4, shape[0], 99
+    rnd = random.Random(policy * 10 + max_reuse)
+    emu, cpu = _ring(M, shape, B, storage_dtype), _ring(M, shape, B, storage_dtype)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        if int(cpu["state"][2]) == 0 or rnd.random() < 0.4:
+            x, y = torch.randn(shape, generator=g).to(dtype), torch.randint(0, 1000, (B,), generator=g)
+            simt.replay_push(emu["storage"], emu["label_store"], emu["state"], emu["uses"], emu["stamps"], x, y)
+            torch.ops.dgl_fast.replay_push(cpu["storage"], cpu["label_store"], cpu["state"], cpu["uses"],
+                                           cpu["stamps"], x, y)
+        else:
+            outs = []
+            for ring, fn in ((emu, simt.replay_sample), (cpu, torch.ops.dgl_fast.replay_sample)):
+                out, out_labels = torch.full(shape, 7.0, dtype=dtype), torch.full((B,), -5, dtype=torch.long)
+                info = torch.zeros(2, dtype=torch.long)
+                fn(ring["state"], ring["uses"], ring["stamps"], ring["storage"], ring["label_store"], out, out_labels,
+                   info, policy, max_reuse, seed)
+                outs.append((out, out_labels, info))
+            for a, b in zip(*outs):
+                assert torch.equal(a, b)
+        for key in emu:
+            assert torch.equal(emu[key], cpu[key]), key
+
+
+# --- memory bounds --------------------------------------------------------------------------------
+
+
+def _gcc_runtime(name):
+    try:
+        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.skipif(os.environ.get("DGL_FAST_SIMT_OOB") != "1", reason="run by test_kernels_under_address_sanitizer")
+def test_out_of_bounds_probe(simt):
+    simt.misuse("out_of_bounds", torch.empty(5, dtype=torch.long))  # AddressSanitizer must abort here
+
+
+@pytest.mark.skipif(ASAN, reason="this is the run under AddressSanitizer")
+def test_kernels_under_address_sanitizer():
+    """Every test above again, with the emulated kernels built with -fsanitize=address and the
+    sanitizer's allocator preloaded (so torch's tensors get red zones): a kernel that reads or
+    writes outside its tensors fails here, as it would under compute-sanitizer on a GPU."""
+    libs = [_gcc_runtime("libasan.so"), _gcc_runtime("libstdc++.so.6")]
+    if None in libs:
+        pytest.skip("gcc's AddressSanitizer runtime (libasan) is not installed")
+    # libstdc++ is preloaded too, or ASan cannot intercept the exceptions the emulator throws.
+    env = dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0", DGL_FAST_SIMT_ASAN="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "ERROR: AddressSanitizer" not in out, out[-6000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+    # ... and the sanitizer is live: a kernel writing one element past a tensor is caught.
+    probe = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k",
+                            "out_of_bounds_probe"], env=dict(env, DGL_FAST_SIMT_OOB="1"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert probe.returncode != 0 and "heap-buffer-overflow" in probe.stderr, (probe.stdout + probe.stderr)[-3000:]
+    assert "one_past_the_end_kernel" in probe.stderr
