@@ -8,7 +8,8 @@ For each model split (VGG-13 K=4, K=2, K=8; aux-study K=6), batch (32, 128, 512)
   - backprop eager / backprop in one CUDA graph (end-to-end, last head's loss, one SGD);
   - DGL the authors' way (stage after stage, eager, a host sync per stage for its loss);
   - DGL with one CUDA graph per stage, all on one stream / on K streams (the pipelined engine);
-  - async DGL (replay buffers, one stage at a time, eager);
+  - async DGL (replay buffers, one stage at a time, eager; and on CUDA, every stage on its own
+    stream replaying one CUDA graph per stage step);
 images per second, ratios to each baseline, overlap efficiency (one-stream time / K-stream time),
 each stage's graph time alone, and peak memory. Also a PNG timeline of a pipelined window and a
 PNG of the speedup over backprop-in-a-graph per configuration.
@@ -165,11 +166,16 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
         tr = trainer(mode="dgl", engine="pipeline")
         res["dgl_pipeline_cpu"] = steps * batch / timed(lambda: tr.step(*batch_()), steps, device, tr.flush)
 
-    # async DGL on replay buffers (round robin: every stage trains once per fresh batch)
-    tr = trainer(mode="async", buffer_capacity=4, schedule="round_robin", engine="sequential")
-    for _ in range(warmup):
-        tr.step(*batch_())
-    res["async_dgl"] = steps * batch / timed(lambda: tr.step(*batch_()), steps, device)
+    # async DGL on replay buffers (round robin: every stage trains once per fresh batch): one stage
+    # step at a time, eager; and (CUDA) free-running stage streams replaying one graph per stage step
+    variants = [("async_dgl", dict(engine="sequential"))]
+    if device.type == "cuda" and amp != torch.float16:
+        variants.append(("async_dgl_graphs_kstreams", dict(engine="streams", cuda_graphs=True)))
+    for name, kw in variants:
+        tr = trainer(mode="async", buffer_capacity=4, schedule="round_robin", **kw)
+        for _ in range(warmup):
+            tr.step(*batch_())
+        res[name] = steps * batch / timed(lambda tr=tr: tr.step(*batch_()), steps, device)
     best = res.get("dgl_graphs_kstreams", res.get("dgl_pipeline_cpu"))
     for base_name in ("backprop_eager", "backprop_graph", "dgl_authors_way"):
         if base_name in res:
@@ -230,7 +236,7 @@ def plot(rows, header, base_path):
 
 def markdown(header, rows) -> str:
     cols = ["backprop_eager", "backprop_graph", "dgl_authors_way", "dgl_graphs_1stream", "dgl_graphs_kstreams",
-            "dgl_pipeline_cpu", "async_dgl"]
+            "dgl_pipeline_cpu", "async_dgl", "async_dgl_graphs_kstreams"]
     present = [c for c in cols if any(c in r for r in rows)]
     lines = md_header(header, "Stage overlap",
                       "Images per second (higher is better); speedups of the best DGL engine over each baseline.")

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PipelinedEngine", "GraphSGD", "TickResult"]
+from . import ops
+
+__all__ = ["AsyncGraphs", "PipelinedEngine", "GraphSGD", "TickResult"]
 
 
 @dataclass
@@ -417,6 +419,128 @@ class PipelinedEngine:
             for o in self._graph_opts:
                 o.set_lr()
             self._streams_wait_current()
+
+
+class _AsyncStage:
+    """Static tensors and the captured graph of one async stage step."""
+
+    def __init__(self):
+        self.graph = None
+        self.x = self.y = self.info = None  # the step's input (copied in for stage 1, sampled otherwise)
+        self.loss = self.correct = None  # the step's metrics, written by the graph
+
+
+class AsyncGraphs:
+    """Asynchronous DGL with one CUDA graph per stage step (``Trainer(mode="async", engine="streams",
+    cuda_graphs=True)``).
+
+    Stage j's graph is its whole step: sample buffer j - 1 into static tensors (stage 1: the fresh
+    batch is copied in before the replay), stage forward, head, loss, backward, a
+    :class:`GraphSGD` step (learning rate in a device tensor) and, for every stage but the last,
+    a push of its output to buffer j. The replay buffers' ops keep their ring state on the device,
+    so the graph samples whichever slot the policy picks at replay time. Each stage runs its
+    first ``warmup`` steps eagerly (momentum buffers, cuDNN and cuBLAS warm-up), is captured on its
+    own stream at its next step, and replays from then on. Around each replay the buffers' own
+    event protocol orders it against the other stages' streams, as for an eager push or sample.
+
+    ``max_reuse`` is not supported: a graph cannot skip its step when nothing is available.
+    """
+
+    def __init__(self, trainer, streams: list | None, warmup: int = 2, emulate_graphs: bool = False):
+        self.tr = trainer
+        self.K = trainer.model.num_stages
+        self.device = trainer.device
+        if not emulate_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.streams, self.warmup, self.emulate_graphs = streams, warmup, emulate_graphs
+        self.stages: list[_AsyncStage | None] = [None] * self.K
+        self.opts: list[GraphSGD | None] = [None] * self.K
+
+    def ready(self, j: int) -> bool:
+        """Whether stage j's next step replays (or captures) its graph."""
+        return self.stages[j] is not None or self.tr.stage_steps[j] >= self.warmup
+
+    def reset(self) -> None:
+        """Forget every captured graph (after the model, optimizers or buffers were replaced)."""
+        self.stages, self.opts = [None] * self.K, [None] * self.K
+
+    def on_lr_change(self, j: int | None = None) -> None:
+        """Copy stage j's (or every stage's) host learning rates into its graph, on the current stream."""
+        for k in range(self.K) if j is None else (j,):
+            if self.opts[k] is not None:
+                self.opts[k].set_lr()
+        if j is None and self.streams is not None:  # every stage's next replay sees the new rates
+            cur = torch.cuda.current_stream(self.device)
+            for s in self.streams:
+                s.wait_stream(cur)
+
+    def _body(self, j: int, st: _AsyncStage) -> None:
+        tr = self.tr
+        if j > 0:
+            buf = tr.buffers[j - 1]
+            ops.replay_sample(buf.state, buf.uses, buf.stamps, buf.storage, buf.label_store, st.x, st.y, st.info,
+                              buf.policy, None, buf.seed)
+        with tr._autocast():
+            h = tr.model.stages[j](st.x)
+            loss, correct = tr._head_loss(j, h, st.y)
+        loss.backward()
+        self.opts[j].step()
+        self.opts[j].zero_grad()
+        if j < self.K - 1:
+            out = tr.buffers[j]
+            ops.replay_push(out.storage, out.label_store, out.state, out.uses, out.stamps, h.detach(), st.y)
+        st.loss.copy_(loss.detach())
+        st.correct.copy_(correct)
+
+    def _capture(self, j: int, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        tr, dev = self.tr, self.device
+        st = _AsyncStage()
+        if j == 0:
+            st.x, st.y = torch.empty_like(x), torch.empty_like(y)
+        else:
+            buf = tr.buffers[j - 1]
+            st.x = torch.empty(buf.batch_shape, dtype=buf.dtype, device=dev)
+            st.y = torch.empty(buf.batch_shape[0], dtype=torch.long, device=dev)
+            st.info = torch.empty(2, dtype=torch.long, device=dev)
+        st.loss = torch.zeros((), dtype=torch.float32, device=dev)
+        st.correct = torch.zeros((), dtype=torch.long, device=dev)
+        self.opts[j] = GraphSGD(tr.optimizers[j], dev)
+        self.opts[j].set_lr()
+        tr.optimizers[j].zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+        if self.emulate_graphs:
+            st.graph = _EmulatedGraph(self._body, j, st)
+        else:
+            g = torch.cuda.CUDAGraph()
+            cur = torch.cuda.current_stream(dev)
+            stream = self.streams[j] if self.streams is not None else torch.cuda.Stream(dev)
+            stream.wait_stream(cur)
+            with torch.cuda.graph(g, stream=stream):
+                self._body(j, st)
+            cur.wait_stream(stream)
+            st.graph = g
+        self.stages[j] = st
+
+    def step(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        """Stage j's step (on the current stream): capture it first if needed, then replay.
+        Returns ``(loss, correct, samples)`` as fresh device tensors, like an eager step."""
+        if self.stages[j] is None:
+            self._capture(j, x, y)
+        st = self.stages[j]
+        if j == 0:
+            if tuple(x.shape) != tuple(st.x.shape):
+                raise ValueError(f"async CUDA graphs keep a fixed batch: expected {list(st.x.shape)}, got {list(x.shape)}")
+            st.x.copy_(x, non_blocking=True)
+            st.y.copy_(y, non_blocking=True)
+        bufs = [b for b in (self.tr.buffers[j - 1] if j > 0 else None,
+                            self.tr.buffers[j] if j < self.K - 1 else None) if b is not None]
+        for b in bufs:
+            b._enter()
+        st.graph.replay()
+        for b in bufs:
+            b._leave()
+        if j < self.K - 1:
+            self.tr.buffers[j].pushes += 1
+        return st.loss.clone(), st.correct.clone(), st.y.shape[0]
 
 
 class _EmulatedGraph:

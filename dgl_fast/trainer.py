@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import ops
 from .buffer import ReplayBuffer
-from .engine import PipelinedEngine
+from .engine import AsyncGraphs, PipelinedEngine
 from .heads import AuxHead
 from .model import DecoupledModel
 
@@ -117,7 +117,9 @@ class Trainer:
             each epoch (or on :meth:`flush`).
         cuda_graphs: replay one CUDA graph per stage step in the streams engine (default: on CUDA
             with ``torch.optim.SGD`` optimizers and without fp16). The learning rate lives in a
-            device tensor, so schedules need no re-capture; a partial last batch runs eagerly.
+            device tensor, so schedules need no re-capture; a partial last batch runs eagerly. In
+            ``async`` mode each stage's graph also samples its input buffer and pushes to its
+            output buffer (:class:`~dgl_fast.engine.AsyncGraphs`; not with ``max_reuse``).
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast per stage (fp16 with a loss scaler per
             stage; CUDA only).
         channels_last: keep the model and its inputs in channels_last memory format.
@@ -173,9 +175,9 @@ class Trainer:
         if engine == "streams" and mode not in ("dgl", "async"):
             raise ValueError(f"engine='streams' runs mode='dgl' (pipelined) or mode='async' (free-running stages), "
                              f"got mode={mode!r}")
-        if engine == "streams" and mode == "async" and (max_reuse is not None or cuda_graphs):
-            raise ValueError("async DGL on streams never waits for the host: it takes neither max_reuse (whose "
-                             "'nothing available' check reads the device) nor cuda_graphs")
+        if engine == "streams" and mode == "async" and max_reuse is not None:
+            raise ValueError("async DGL on streams never waits for the host: it does not take max_reuse (whose "
+                             "'nothing available' check reads the device); use engine='sequential'")
         if engine == "streams" and not cuda:
             raise ValueError(f"engine='streams' needs a CUDA device, got device {self.device}; "
                              "use engine='pipeline' (same schedule, stages in turn) or 'sequential'")
@@ -229,10 +231,10 @@ class Trainer:
         self._collect = True  # step() materialises per-stage metrics (fit turns it off for engines)
         self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
         if engine == "auto":
-            free_async = mode == "async" and max_reuse is None and not cuda_graphs
+            free_async = mode == "async" and max_reuse is None
             engine = "streams" if cuda and (mode == "dgl" or free_async) else "sequential"
         if cuda_graphs is None:
-            cuda_graphs = (engine == "streams" and mode == "dgl" and amp != "fp16"
+            cuda_graphs = (engine == "streams" and mode in ("dgl", "async") and amp != "fp16"
                            and all(type(o) is torch.optim.SGD for o in self.optimizers))
         if cuda_graphs and not all(type(o) is torch.optim.SGD for o in self.optimizers):
             raise ValueError("cuda_graphs=True captures torch.optim.SGD steps; the optimizer factory returned "
@@ -243,6 +245,8 @@ class Trainer:
         # async on streams: stage j free-runs on its own stream; buffers order push/sample by events
         self._async_streams = ([torch.cuda.Stream(self.device) for _ in range(K)]
                                if engine == "streams" and mode == "async" else None)
+        self._async_graphs = (AsyncGraphs(self, self._async_streams)
+                              if self._async_streams is not None and self.cuda_graphs else None)
         self._input_shape = model.input_shape
         self._num_classes = None
         self._stage_shapes = None
@@ -418,22 +422,34 @@ class Trainer:
     def _run_stage(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """One training step of stage j (async mode): on (x, y) for stage 1, else on a sample of
         buffer j-1; pushes its output to buffer j. Returns (loss, correct, samples) or None."""
+        self._stage_lr(j)
+        graphs = self._async_graphs
+        if graphs is not None and graphs.ready(j):
+            result = graphs.step(j, x, y)
+            self.stage_steps[j] += 1
+            return result
         if j > 0:
             sample = self.buffers[j - 1].sample()
             if self.max_reuse is not None and not bool(sample.valid):
                 return None  # every slot used up: this stage skips its turn
             x, y = sample
-        if self._stage_schedule is not None and self._batches_per_epoch:
-            epoch = self.stage_steps[j] // self._batches_per_epoch
-            if epoch != self._stage_epoch[j]:
-                self._stage_epoch[j] = epoch
-                for group in self.optimizers[j].param_groups:
-                    group["lr"] = group["initial_lr"] * float(self._stage_schedule(epoch))
         h, loss, corr = self._train_stage(j, x, y)
         if j < self.model.num_stages - 1:
             self.buffers[j].push(h, y)
         self.stage_steps[j] += 1
         return loss, corr, x.shape[0]
+
+    def _stage_lr(self, j: int) -> None:
+        """Async mode: stage j's learning rate follows the schedule by its own epoch count."""
+        if self._stage_schedule is None or not self._batches_per_epoch:
+            return
+        epoch = self.stage_steps[j] // self._batches_per_epoch
+        if epoch != self._stage_epoch[j]:
+            self._stage_epoch[j] = epoch
+            for group in self.optimizers[j].param_groups:
+                group["lr"] = group["initial_lr"] * float(self._stage_schedule(epoch))
+            if self._async_graphs is not None:  # on stage j's stream, before its next replay
+                self._async_graphs.on_lr_change(j)
 
     def _step_async(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         K = self.model.num_stages
@@ -499,6 +515,8 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
         if self._engine is not None:
             self._engine.on_lr_change()
+        if self._async_graphs is not None:
+            self._async_graphs.on_lr_change()
 
     def fit(self, train_loader: Iterable, epochs: int, lr_schedule: Callable[[int], float] | None = None,
             eval_loader: Iterable | None = None, log_every: int = 20, progress: bool = True,
@@ -675,6 +693,8 @@ class Trainer:
             opt.load_state_dict(s)
         if self._engine is not None:  # captured graphs point at the replaced optimizer state
             self._engine.reset()
+        if self._async_graphs is not None:  # ... and, in async mode, at the replaced buffers
+            self._async_graphs.reset()
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
         self.stage_steps = list(state.get("stage_steps", self.stage_steps))

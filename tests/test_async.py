@@ -73,3 +73,63 @@ def test_async_fixed_batch_size():
     trainer.step(x, y)
     with pytest.raises(ValueError, match="async mode keeps a fixed batch size: expected batches of 6, got 4"):
         trainer.step(x[:4], y[:4])
+
+
+def _with_emulated_graphs(trainer, warmup=2):
+    """Route the trainer's async stage steps through the CUDA-graph code path (AsyncGraphs), with
+    emulated graphs: the captured function runs on the same static tensors at every replay."""
+    from dgl_fast.engine import AsyncGraphs
+
+    trainer._async_graphs = AsyncGraphs(trainer, None, warmup=warmup, emulate_graphs=True)
+    return trainer
+
+
+@pytest.mark.parametrize("policy", ["priority_lifo", "fifo", "uniform"])
+@pytest.mark.parametrize("K", [2, 3])
+def test_async_graph_path_equals_eager_async(policy, K):
+    model = small_model(K, seed=K, dtype=torch.float64)
+    data_ = batches(25, dtype=torch.float64, seed=5)
+    kw = dict(optimizer=sgd, mode="async", buffer_capacity=3, policy=policy, slowdown={2: 0.5}, seed=7)
+    eager = dgl_fast.Trainer(copy.deepcopy(model), **kw)
+    graph = _with_emulated_graphs(dgl_fast.Trainer(copy.deepcopy(model), **kw))
+    for x, y in data_:
+        a, b = eager.step(x, y), graph.step(x, y)
+        assert a.samples == b.samples
+        torch.testing.assert_close(a.losses, b.losses, rtol=1e-10, atol=1e-12, equal_nan=True)
+        assert torch.equal(a.correct, b.correct)
+    assert graph.stage_steps == eager.stage_steps and min(graph.stage_steps) > 2  # every stage replayed
+    assert all(st is not None for st in graph._async_graphs.stages)
+    for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
+    for ba, bb in zip(eager.model.buffers(), graph.model.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-10, atol=1e-12)
+    for ra, rb in zip(eager.buffers, graph.buffers):  # the rings: same slots, uses and contents
+        assert torch.equal(ra.state, rb.state) and torch.equal(ra.uses, rb.uses) and ra.pushes == rb.pushes
+        torch.testing.assert_close(ra.storage, rb.storage, rtol=1e-10, atol=1e-12)
+
+
+def test_async_graph_path_follows_per_stage_lr_schedules_and_resets_on_load():
+    spec = data.load("synthetic", batch_size=16, in_size=8, num_classes=3, synthetic_size=160, seed=1)
+
+    def make():
+        torch.manual_seed(0)
+        model = dgl_fast.models.build("aux-study", num_classes=3, depth=3, width=8, in_size=8, aux="mlp").double()
+        return dgl_fast.Trainer(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), mode="async",
+                                buffer_capacity=2, slowdown={2: 0.3}, seed=3)
+
+    def double_batches(loader):
+        return [(x.double(), y) for x, y in loader]
+
+    train = double_batches(spec.train)
+    eager, graph = make(), _with_emulated_graphs(make())
+    schedule = lambda e: 0.1 ** e  # noqa: E731
+    for tr in (eager, graph):
+        tr.fit(train, epochs=3, lr_schedule=schedule, progress=False)
+    lrs = [[g["lr"] for o in tr.optimizers for g in o.param_groups] for tr in (eager, graph)]
+    assert lrs[0] == lrs[1] and min(lrs[0]) < 0.05 * 0.1 + 1e-12
+    # the graphs' device learning rates follow the host's
+    assert [float(o.lr[0]) for o in graph._async_graphs.opts] == lrs[1]
+    for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-12)
+    graph.load_state_dict(eager.state_dict())  # new optimizer state and buffers: graphs re-capture
+    assert all(st is None for st in graph._async_graphs.stages)

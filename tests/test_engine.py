@@ -212,6 +212,28 @@ def test_async_on_streams_progresses_every_stage():
     assert out.losses.shape == (4,)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_async_streams_equal_async_sequential_on_gpu(graphs):
+    # free-running stage streams (eager or one graph per stage step) give the parameters of the
+    # async trainer that runs every stage step in turn on one stream
+    _deterministic()
+    dev = torch.device("cuda")
+    model = small_model(3, seed=6, aux="mlp-sr", fused=True, dtype=torch.float64)
+    data = [(x.to(dev), y.to(dev)) for x, y in batches(30, dtype=torch.float64)]
+    kw = dict(optimizer=sgd, device="cuda", mode="async", buffer_capacity=3, slowdown={2: 0.5}, seed=2)
+    ref = dgl_fast.Trainer(copy.deepcopy(model), engine="sequential", **kw)
+    free = dgl_fast.Trainer(copy.deepcopy(model), engine="streams", cuda_graphs=graphs, **kw)
+    for x, y in data:
+        ref.step(x, y)
+        free.step(x, y)
+    torch.cuda.synchronize()
+    assert free.cuda_graphs == graphs and free.stage_steps == ref.stage_steps
+    if graphs:
+        assert all(st is not None for st in free._async_graphs.stages)  # every stage replayed its graph
+    assert_same_state(free.model, ref.model, rtol=1e-10, atol=1e-10)
+
+
 def test_async_streams_settings_are_checked():
     with pytest.raises(ValueError, match="engine='streams' needs a CUDA device"):
         dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="async", engine="streams")
