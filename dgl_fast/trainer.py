@@ -236,6 +236,10 @@ class Trainer:
         if cuda_graphs is None:
             cuda_graphs = (engine == "streams" and mode in ("dgl", "async") and amp != "fp16"
                            and all(type(o) is torch.optim.SGD for o in self.optimizers))
+        if cuda_graphs and engine != "streams":
+            why = " (async with max_reuse runs the sequential engine)" if mode == "async" else ""
+            raise ValueError(f"cuda_graphs=True runs in the streams engine; this trainer resolved to engine="
+                             f"{engine!r}{why}")
         if cuda_graphs and not all(type(o) is torch.optim.SGD for o in self.optimizers):
             raise ValueError("cuda_graphs=True captures torch.optim.SGD steps; the optimizer factory returned "
                              f"{type(self.optimizers[0]).__name__} (use cuda_graphs=False)")

@@ -234,6 +234,12 @@ def test_async_streams_equal_async_sequential_on_gpu(graphs):
     assert_same_state(free.model, ref.model, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.cuda
+def test_async_graphs_need_the_streams_engine():
+    with pytest.raises(ValueError, match="cuda_graphs=True runs in the streams engine; .*async with max_reuse"):
+        dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="async", max_reuse=2, cuda_graphs=True, device="cuda")
+
+
 def test_async_streams_settings_are_checked():
     with pytest.raises(ValueError, match="engine='streams' needs a CUDA device"):
         dgl_fast.Trainer(small_model(2), optimizer=sgd, mode="async", engine="streams")
