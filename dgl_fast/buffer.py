@@ -190,12 +190,25 @@ class ReplayBuffer:
         is used up the result has ``valid`` False (a device tensor: no host synchronisation) and
         its tensors hold unspecified values.
         """
-        if self.pushes == 0:
-            raise ValueError("ReplayBuffer.sample: the buffer is empty; push a mini-batch first")
-        self._enter()
         out = torch.empty(self.batch_shape, dtype=self.dtype, device=self.device)
         out_labels = torch.empty(self.batch_shape[0], dtype=torch.long, device=self.device)
         info = torch.empty(2, dtype=torch.long, device=self.device)
+        return self.sample_into(out, out_labels, info)
+
+    def sample_into(self, out: torch.Tensor, out_labels: torch.Tensor, info: torch.Tensor) -> Sample:
+        """:meth:`sample` into tensors the caller owns (a CUDA graph's static inputs, say): ``out``
+        of ``batch_shape`` and ``dtype``, ``out_labels`` int64 ``[B]``, ``info`` int64 ``[2]``
+        (slot, valid), all contiguous on the buffer's device. They are written on the current
+        stream, after the buffer's previous operation."""
+        if self.pushes == 0:
+            raise ValueError("ReplayBuffer.sample: the buffer is empty; push a mini-batch first")
+        if tuple(out.shape) != self.batch_shape or out.dtype != self.dtype:
+            raise ValueError(f"ReplayBuffer.sample_into: expected out of shape {list(self.batch_shape)} and dtype "
+                             f"{self.dtype}, got {list(out.shape)} {out.dtype}")
+        if tuple(info.shape) != (2,) or info.dtype != torch.long:
+            raise ValueError(f"ReplayBuffer.sample_into: expected an int64 info tensor of shape [2], got "
+                             f"{list(info.shape)} {info.dtype}")
+        self._enter()
         ops.replay_sample(self.state, self.uses, self.stamps, self.storage, self.label_store, out, out_labels, info,
                           self.policy, self.max_reuse, self.seed)
         self._leave()

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-
 __all__ = ["AsyncGraphs", "PipelinedEngine", "GraphSGD", "TickResult"]
 
 
@@ -426,7 +424,8 @@ class _AsyncStage:
 
     def __init__(self):
         self.graph = None
-        self.x = self.y = self.info = None  # the step's input (copied in for stage 1, sampled otherwise)
+        self.x = self.y = self.info = None  # the step's input: copied in (stage 1) or sampled into
+        self.h = None  # the stage's output, pushed to the next buffer after the replay
         self.loss = self.correct = None  # the step's metrics, written by the graph
 
 
@@ -434,16 +433,17 @@ class AsyncGraphs:
     """Asynchronous DGL with one CUDA graph per stage step (``Trainer(mode="async", engine="streams",
     cuda_graphs=True)``).
 
-    Stage j's graph is its whole step: sample buffer j - 1 into static tensors (stage 1: the fresh
-    batch is copied in before the replay), stage forward, head, loss, backward, a
-    :class:`GraphSGD` step (learning rate in a device tensor) and, for every stage but the last,
-    a push of its output to buffer j. The replay buffers' ops keep their ring state on the device,
-    so the graph samples whichever slot the policy picks at replay time. Each stage runs its
-    first ``warmup`` steps eagerly (momentum buffers, cuDNN and cuBLAS warm-up), is captured on its
-    own stream at its next step, and replays from then on. Around each replay the buffers' own
-    event protocol orders it against the other stages' streams, as for an eager push or sample.
+    Stage j's step is: sample buffer j - 1 into static tensors (stage 1: copy the fresh batch in),
+    replay the graph (stage forward, head, loss, backward, a :class:`GraphSGD` step with the
+    learning rate in a device tensor, metrics, the output into a static tensor), then push that
+    output to buffer j. Sample and push stay outside the graph, two kernels each, so the buffers'
+    event protocol orders only them against the neighbouring stages' streams, exactly as in the
+    eager trainer: a stage's training never waits for its neighbours' training. The static
+    tensors are reused in stream order on the stage's own stream. Each stage runs its first
+    ``warmup`` steps eagerly (momentum buffers, cuDNN and cuBLAS warm-up), is captured on its own
+    stream at its next step and replays from then on.
 
-    ``max_reuse`` is not supported: a graph cannot skip its step when nothing is available.
+    ``max_reuse`` is not supported: the trainer would have to read the "nothing available" flag.
     """
 
     def __init__(self, trainer, streams: list | None, warmup: int = 2, emulate_graphs: bool = False):
@@ -476,19 +476,14 @@ class AsyncGraphs:
 
     def _body(self, j: int, st: _AsyncStage) -> None:
         tr = self.tr
-        if j > 0:
-            buf = tr.buffers[j - 1]
-            ops.replay_sample(buf.state, buf.uses, buf.stamps, buf.storage, buf.label_store, st.x, st.y, st.info,
-                              buf.policy, None, buf.seed)
         with tr._autocast():
             h = tr.model.stages[j](st.x)
             loss, correct = tr._head_loss(j, h, st.y)
         loss.backward()
         self.opts[j].step()
         self.opts[j].zero_grad()
-        if j < self.K - 1:
-            out = tr.buffers[j]
-            ops.replay_push(out.storage, out.label_store, out.state, out.uses, out.stamps, h.detach(), st.y)
+        if st.h is not None:
+            st.h.copy_(h.detach())
         st.loss.copy_(loss.detach())
         st.correct.copy_(correct)
 
@@ -502,6 +497,9 @@ class AsyncGraphs:
             st.x = torch.empty(buf.batch_shape, dtype=buf.dtype, device=dev)
             st.y = torch.empty(buf.batch_shape[0], dtype=torch.long, device=dev)
             st.info = torch.empty(2, dtype=torch.long, device=dev)
+        if j < self.K - 1:
+            nxt = tr.buffers[j]
+            st.h = torch.empty(nxt.batch_shape, dtype=nxt.dtype, device=dev)
         st.loss = torch.zeros((), dtype=torch.float32, device=dev)
         st.correct = torch.zeros((), dtype=torch.long, device=dev)
         self.opts[j] = GraphSGD(tr.optimizers[j], dev)
@@ -521,8 +519,9 @@ class AsyncGraphs:
         self.stages[j] = st
 
     def step(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
-        """Stage j's step (on the current stream): capture it first if needed, then replay.
-        Returns ``(loss, correct, samples)`` as fresh device tensors, like an eager step."""
+        """Stage j's step on the current stream (captured first if needed). Returns ``(loss,
+        correct, samples)`` as fresh device tensors, like an eager step."""
+        tr = self.tr
         if self.stages[j] is None:
             self._capture(j, x, y)
         st = self.stages[j]
@@ -531,15 +530,11 @@ class AsyncGraphs:
                 raise ValueError(f"async CUDA graphs keep a fixed batch: expected {list(st.x.shape)}, got {list(x.shape)}")
             st.x.copy_(x, non_blocking=True)
             st.y.copy_(y, non_blocking=True)
-        bufs = [b for b in (self.tr.buffers[j - 1] if j > 0 else None,
-                            self.tr.buffers[j] if j < self.K - 1 else None) if b is not None]
-        for b in bufs:
-            b._enter()
+        else:
+            tr.buffers[j - 1].sample_into(st.x, st.y, st.info)
         st.graph.replay()
-        for b in bufs:
-            b._leave()
-        if j < self.K - 1:
-            self.tr.buffers[j].pushes += 1
+        if st.h is not None:
+            tr.buffers[j].push(st.h, st.y)
         return st.loss.clone(), st.correct.clone(), st.y.shape[0]
 
 

@@ -198,3 +198,19 @@ def test_native_op_checks_shapes():
     with pytest.raises(RuntimeError, match=r"expected activations of shape \[4, 3\], got \[4, 4\]"):
         dgl_fast.ops.replay_push(buf.storage, buf.label_store, buf.state, buf.uses, buf.stamps, torch.randn(4, 4),
                                  torch.arange(4))
+
+
+def test_sample_into_caller_tensors(device):
+    buf = ReplayBuffer(3, (4, 5), device=device, policy="fifo")
+    xs = [torch.randn(4, 5, device=device) for _ in range(2)]
+    for i, x in enumerate(xs):
+        buf.push(x, torch.full((4,), i, device=device))
+    out, labels = torch.empty(4, 5, device=device), torch.empty(4, dtype=torch.long, device=device)
+    info = torch.empty(2, dtype=torch.long, device=device)
+    s = buf.sample_into(out, labels, info)
+    assert s[0] is out and s[1] is labels and int(s.slot) == 0 and bool(s.valid)
+    assert torch.equal(out, xs[0]) and labels.tolist() == [0] * 4
+    with pytest.raises(ValueError, match=r"expected out of shape \[4, 5\] and dtype torch.float32, got \[4, 6\]"):
+        buf.sample_into(torch.empty(4, 6, device=device), labels, info)
+    with pytest.raises(ValueError, match=r"expected an int64 info tensor of shape \[2\], got \[3\]"):
+        buf.sample_into(out, labels, torch.empty(3, dtype=torch.long, device=device))
