@@ -78,6 +78,7 @@ def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
         res["fused_graph_us"] = time_us(graph_of(fused_step, device), device, reps=reps)
     if compile_ref:
         try:
+            torch._dynamo.reset()  # a fresh compile per case: past the recompile limit Dynamo falls back to eager
             compiled = torch.compile(ref_loss)
             res["ref_compile_us"] = time_us(make_step(compiled, ref_params, x, y, amp), device, reps=reps)
         except Exception as exc:  # record, do not hide, a compile failure

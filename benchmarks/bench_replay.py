@@ -104,9 +104,17 @@ def bench_async(device, batch, capacity, steps, width, quick):
         trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=opt, mode="async", device=device,
                                    buffer_capacity=capacity, slowdown=slowdown, **kw)
         i = 0
-        while trainer._warm < model.num_stages - 1 or i < 5:  # warm-up (and graph capture), then steady steps
+
+        def warm():  # buffers filled, every stage past its eager steps (and captured), then steady steps
+            graphs = trainer._async_graphs
+            return (trainer._warm == model.num_stages - 1 and min(trainer.stage_steps) >= 3
+                    and (graphs is None or all(st is not None for st in graphs.stages)))
+
+        while not warm() or i < 5:
             trainer.step(*data[i % len(data)])
             i += 1
+            if i > 100 * capacity * model.num_stages:
+                raise RuntimeError("async warm-up did not reach every stage")
         sync()
         before = sum(trainer.stage_steps)
         t0 = time.perf_counter()
@@ -133,6 +141,8 @@ def bench_async(device, batch, capacity, steps, width, quick):
         return data[next(k) % len(data)]
 
     base.warm_up(data[i % len(data)] for i in range(10**9))
+    while min(base.stage_steps) < 3:  # the last stage too: no cold start inside the timed window
+        base.tick(fresh)
     sync()
     before = sum(base.stage_steps)
     t0 = time.perf_counter()

@@ -88,6 +88,8 @@ class DistributedDGL:
         self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
                                **trainer_kwargs)
         self.device = self.trainer.device
+        if self.device.type == "cuda":  # NCCL collectives (all_gather_object too) use the current device
+            torch.cuda.set_device(self.device)
         self.max_in_flight = max(1, int(max_in_flight))
         self._sends: list = []
         self._dtype = next(local.parameters()).dtype

@@ -270,12 +270,14 @@ class PipelinedEngine:
                 g = torch.cuda.CUDAGraph()
                 stream = self.streams[j]
                 stream.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.graph(g, stream=stream):
+                with torch.cuda.device(dev), torch.cuda.graph(g, stream=stream):
                     self._graph_body(j, src, state[j].labels[p], state[j].outputs[p])
                 state[j].graphs[p] = g
         if self.streams is not None:
             for s in self.streams:
                 torch.cuda.current_stream(dev).wait_stream(s)
+        for opt in tr.optimizers:  # .grad must not point into a graph's memory for an eager step
+            opt.zero_grad(set_to_none=True)
         self._graph_state = state
         self._graph_shape = tuple(x.shape)
 
@@ -346,6 +348,7 @@ class PipelinedEngine:
                 res = self._eager_tick((x, y, b))
                 self.flush()
                 return res
+            self.sync_to_current()  # the static buffers are freed on the caller's stream: after the replays
             self._graph_state = None
         if self._graph_state is None:
             if self._eager_ticks < self.warmup:
@@ -455,14 +458,20 @@ class AsyncGraphs:
         self.streams, self.warmup, self.emulate_graphs = streams, warmup, emulate_graphs
         self.stages: list[_AsyncStage | None] = [None] * self.K
         self.opts: list[GraphSGD | None] = [None] * self.K
+        self.eager_steps = [0] * self.K  # eager steps since the last reset: capture waits for `warmup`
 
     def ready(self, j: int) -> bool:
-        """Whether stage j's next step replays (or captures) its graph."""
-        return self.stages[j] is not None or self.tr.stage_steps[j] >= self.warmup
+        """Whether stage j's next step replays (or captures) its graph. Counts eager steps itself
+        (not the trainer's step counts, which a resumed checkpoint restores), so every capture in a
+        process follows eager warm-up steps on the same stream."""
+        return self.stages[j] is not None or self.eager_steps[j] >= self.warmup
+
+    def eager_step_done(self, j: int) -> None:
+        self.eager_steps[j] += 1
 
     def reset(self) -> None:
         """Forget every captured graph (after the model, optimizers or buffers were replaced)."""
-        self.stages, self.opts = [None] * self.K, [None] * self.K
+        self.stages, self.opts, self.eager_steps = [None] * self.K, [None] * self.K, [0] * self.K
 
     def on_lr_change(self, j: int | None = None) -> None:
         """Copy stage j's (or every stage's) host learning rates into its graph, on the current stream."""
@@ -512,10 +521,11 @@ class AsyncGraphs:
             cur = torch.cuda.current_stream(dev)
             stream = self.streams[j] if self.streams is not None else torch.cuda.Stream(dev)
             stream.wait_stream(cur)
-            with torch.cuda.graph(g, stream=stream):
+            with torch.cuda.device(dev), torch.cuda.graph(g, stream=stream):
                 self._body(j, st)
             cur.wait_stream(stream)
             st.graph = g
+        tr.optimizers[j].zero_grad(set_to_none=True)  # .grad must not point into the graph's memory
         self.stages[j] = st
 
     def step(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):

@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -185,7 +186,7 @@ class Trainer:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
         if amp == "fp16" and not cuda:
             raise ValueError(f"amp='fp16' needs a CUDA device, got device {self.device}; use amp='bf16' on the CPU")
-        if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        if amp == "bf16" and cuda and torch.cuda.get_device_capability(self.device)[0] < 8:
             raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(self.device)}; use 'fp16'")
         if amp == "fp16" and cuda_graphs:
             raise ValueError("amp='fp16' needs a loss scaler whose inf checks sync the host, which CUDA graphs cannot "
@@ -243,6 +244,12 @@ class Trainer:
         if cuda_graphs and not all(type(o) is torch.optim.SGD for o in self.optimizers):
             raise ValueError("cuda_graphs=True captures torch.optim.SGD steps; the optimizer factory returned "
                              f"{type(self.optimizers[0]).__name__} (use cuda_graphs=False)")
+        if (amp == "fp16" and engine == "streams"
+                and not all(getattr(o, "_step_supports_amp_scaling", False) for o in self.optimizers)):
+            warnings.warn("amp='fp16' on the streams engine: GradScaler reads its inf flag on the host at every "
+                          "stage step, so the stage streams run one after another; build the optimizers with "
+                          "fused=True (e.g. torch.optim.SGD(..., fused=True)) to keep the check on the device, "
+                          "or use amp='bf16'", stacklevel=2)
         self.engine_name, self.cuda_graphs = engine, bool(cuda_graphs)
         self._engine = (PipelinedEngine(self, streams=engine == "streams", graphs=self.cuda_graphs)
                         if engine in ("pipeline", "streams") and mode == "dgl" else None)
@@ -438,6 +445,8 @@ class Trainer:
                 return None  # every slot used up: this stage skips its turn
             x, y = sample
         h, loss, corr = self._train_stage(j, x, y)
+        if graphs is not None:
+            graphs.eager_step_done(j)
         if j < self.model.num_stages - 1:
             self.buffers[j].push(h, y)
         self.stage_steps[j] += 1

@@ -133,3 +133,7 @@ def test_async_graph_path_follows_per_stage_lr_schedules_and_resets_on_load():
         torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-12)
     graph.load_state_dict(eager.state_dict())  # new optimizer state and buffers: graphs re-capture
     assert all(st is None for st in graph._async_graphs.stages)
+    # ... after eager warm-up steps in this process, whatever step counts the checkpoint restored
+    assert min(graph.stage_steps) > 2 and not any(graph._async_graphs.ready(j) for j in range(3))
+    graph.step(*train[0])
+    assert graph._async_graphs.stages[0] is None and graph._async_graphs.eager_steps[0] == 1
