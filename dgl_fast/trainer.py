@@ -626,6 +626,18 @@ class Trainer:
                 callback(record)
         return records
 
+    def memory_report(self, x: torch.Tensor, y: torch.Tensor):
+        """Bytes a training step on batch ``(x, y)`` keeps per stage (parameters, gradients,
+        optimizer state, hand-offs, activations saved for the backward), with the totals of the
+        sequential and pipelined DGL engines and of end-to-end backprop on the same network
+        (:func:`dgl_fast.memory.memory_report`; no parameter or statistic changes)."""
+        from .memory import memory_report  # noqa: PLC0415
+
+        x, y = self._check_batch(x, y)
+        self.flush()
+        optimizers = self.optimizers if len(self.optimizers) == self.model.num_stages else None
+        return memory_report(self.model, x, y, optimizers, autocast=self._autocast)
+
     def evaluate(self, loader: Iterable) -> list[float]:
         """Accuracy of every head on ``loader`` (inference, eval mode); the last is the network's."""
         return self._eval_pass(loader)[0]

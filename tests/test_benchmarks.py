@@ -27,6 +27,12 @@ def test_bench_accuracy_quick(capsys):
     assert "| dgl |" in out and "| backprop |" in out
 
 
+def test_bench_memory_quick(capsys):
+    assert cli.main(["bench", "memory", "--quick", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| aux-study-k3 | 3 | 8 | fp32 |" in out and "| aux-study-k3 | 3 | 8 | bf16 |" in out
+
+
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
-    assert "no benchmark 'nosuch'; expected one of accuracy, aux_head, overlap, replay" in capsys.readouterr().err
+    assert "no benchmark 'nosuch'; expected one of accuracy, aux_head, memory, overlap, replay" in capsys.readouterr().err
