@@ -30,7 +30,8 @@ save() {
 case "$step" in
   build-test)
     build
-    python -m pytest -q -x tests 2>&1 | tee /tmp/dgl_fast_tests.log | tail -40
+    # the SIMT emulator's tests (CPU stand-ins for the GPU) run in CI; here the real kernels do
+    python -m pytest -q -x tests --ignore=tests/test_simt.py 2>&1 | tee /tmp/dgl_fast_tests.log | tail -40
     if [ -n "${OUT:-}" ]; then cp /tmp/dgl_fast_tests.log "$OUT/tests.log"; fi
     ;;
   aux_head|replay|overlap)
