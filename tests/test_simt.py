@@ -7,6 +7,9 @@ still executes the exact kernel code of every CUDA op and checks it against plai
 float64, against the CPU kernels, and against itself under shuffled thread schedules (a kernel
 whose bits depend on the order of its threads has a race)."""
 
+import collections
+import contextlib
+import copy
 import os
 import random
 import subprocess
@@ -17,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dgl_fast
 from dgl_fast import reference
-from helpers import in_layout
+from helpers import assert_same_state, batches, in_layout, plain_dgl, sgd, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_SMS = 132
@@ -296,6 +300,71 @@ def test_replay_ops_match_cpu_kernels(simt, shape, dtype, storage_dtype, policy,
                 assert torch.equal(a, b)
         for key in emu:
             assert torch.equal(emu[key], cpu[key]), key
+
+
+# --- whole trainers through the CUDA code ------------------------------------------------------
+
+OPS = ["softmax_xent", "aux_pool", "aux_pool_bwd", "linear_bn_relu", "linear_bn_relu_bwd", "bn_update_stats",
+       "replay_push", "replay_sample"]
+
+
+@contextlib.contextmanager
+def cuda_code_on_cpu(simt):
+    """Every dgl_fast op's CPU dispatch runs the emulated CUDA implementation instead (host logic
+    and kernels of csrc/cuda/*.cuh), so a whole Trainer exercises the CUDA code paths' numerics."""
+    lib = torch.library.Library("dgl_fast", "IMPL")
+    calls = collections.Counter()
+
+    def routed(name):
+        fn = getattr(simt, name)
+
+        def kernel(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return kernel
+
+    try:
+        for name in OPS:
+            lib.impl(name, routed(name), "CPU")
+        yield calls
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("aux", ["mlp-sr", "mlp"])
+def test_dgl_training_through_the_cuda_code(simt, aux):
+    model = small_model(3, seed=4, aux=aux, fused=True, dtype=torch.float64)
+    data = batches(4, B=7, dtype=torch.float64, seed=2)
+    expected = plain_dgl(model, data)
+    with cuda_code_on_cpu(simt) as calls:
+        trainer = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd)
+        for x, y in data:
+            out = trainer.step(x, y)
+        acc = trainer.evaluate([data[0]])  # the inference path (BatchNorm in eval mode) too
+    for op in ("softmax_xent", "aux_pool", "aux_pool_bwd", "linear_bn_relu", "linear_bn_relu_bwd", "bn_update_stats"):
+        assert calls[op] > 0, op
+    assert_same_state(trainer.model, expected, rtol=1e-9, atol=1e-11)
+    assert torch.isfinite(out.losses).all() and len(acc) == 3
+
+
+def test_async_training_through_the_cuda_code(simt):
+    model = small_model(3, seed=5, aux="mlp-sr", fused=True, dtype=torch.float64)
+    data = batches(20, dtype=torch.float64, seed=3)
+    kw = dict(optimizer=sgd, mode="async", buffer_capacity=3, policy="uniform", slowdown={2: 0.5}, seed=1)
+    reference_run = dgl_fast.Trainer(copy.deepcopy(model), **kw)
+    for x, y in data:
+        reference_run.step(x, y)
+    with cuda_code_on_cpu(simt) as calls:
+        trainer = dgl_fast.Trainer(copy.deepcopy(model), **kw)
+        for x, y in data:
+            trainer.step(x, y)
+    assert calls["replay_push"] > 0 and calls["replay_sample"] > 0
+    assert trainer.stage_steps == reference_run.stage_steps
+    for a, b in zip(trainer.buffers, reference_run.buffers):  # same slots drawn, same contents
+        assert torch.equal(a.state, b.state) and torch.equal(a.uses, b.uses)
+        torch.testing.assert_close(a.storage, b.storage, rtol=1e-9, atol=1e-11)
+    assert_same_state(trainer.model, reference_run.model, rtol=1e-9, atol=1e-11)
 
 
 # --- memory bounds --------------------------------------------------------------------------------
