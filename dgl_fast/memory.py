@@ -6,16 +6,21 @@ stage's until its backward. :func:`memory_report` measures the parts exactly, on
 running each stage's forward, head and loss once with ``torch.autograd.graph.saved_tensors_hooks``
 and adding up the distinct storages autograd keeps for the backward:
 
-- resident: parameters, their gradients and the optimizer's state (momentum buffers, Adam moments;
-  before the first step, the state the optimizer will create);
+- resident: parameters and the optimizer's state (momentum buffers, Adam moments; before the
+  first step, the state the optimizer will create);
+- gradients: allocated by a stage's backward; the trainer frees them after each optimizer step
+  (``zero_grad(set_to_none=True)``), except in CUDA graphs, which keep them in graph memory;
 - per step: the stage's input (the hand-off from the previous stage), the tensors the stage and
   its head save for the backward (activations; parameters excluded, they are resident), and the
   stage's output.
 
-Totals: ``dgl_sequential`` = all resident bytes + the largest stage step; ``dgl_pipelined`` = all
-resident bytes + every stage step at once with double-buffered hand-offs (the streams engine);
-``backprop`` = the stages and the last head resident + every stage's input and saved activations +
-the last head's. Workspaces of cuDNN / cuBLAS and allocator fragmentation are not included: on a GPU,
+Totals, at the granularity of a stage (an upper bound inside it: its activations are freed while
+its gradients are allocated): ``dgl_sequential`` = resident + the largest (stage step + that
+stage's gradients); ``dgl_pipelined`` = resident + every gradient + every stage step at once, with
+double-buffered hand-offs (the streams engine); ``backprop`` (the stages and the last head, one
+optimizer) = resident + the largest, over the backward's position j, of the activations of stages
+1..j (inputs included) + the gradients of stages j..K (+ the last head's activations at j = K).
+Workspaces of cuDNN / cuBLAS and allocator fragmentation are not included: on a GPU,
 ``benchmarks/bench_overlap.py`` reports the allocator's measured peaks beside these figures.
 """
 
@@ -42,10 +47,12 @@ class StageMemory:
     saved_stage: int  # activations the stage's layers keep for their backward
     saved_head: int  # activations its auxiliary head (and loss) keep
     output: int
+    backprop_grads: int = 0  # its gradients in end-to-end backprop (the stage; the last adds its head)
 
     @property
     def resident(self) -> int:
-        return self.params + self.grads + self.optimizer_state
+        """Always allocated: parameters and optimizer state."""
+        return self.params + self.optimizer_state
 
     @property
     def step(self) -> int:
@@ -59,26 +66,37 @@ class MemoryReport:
 
     batch_size: int
     stages: list[StageMemory]
-    backprop_resident: int  # stages and last head: parameters, gradients, optimizer state
+    backprop_resident: int  # stages and last head: parameters and optimizer state
     backprop_last_head_saved: int
 
     @property
     def dgl_sequential(self) -> int:
-        return sum(s.resident for s in self.stages) + max(s.step for s in self.stages)
+        return sum(s.resident for s in self.stages) + max(s.step + s.grads for s in self.stages)
 
     @property
     def dgl_pipelined(self) -> int:
         # every stage's step at once; each hand-off counted as an output and as an input: two buffers
-        return sum(s.resident for s in self.stages) + sum(s.step for s in self.stages) + self.stages[0].input
+        return (sum(s.resident + s.grads for s in self.stages) + sum(s.step for s in self.stages)
+                + self.stages[0].input)
+
+    @property
+    def backprop_activations(self) -> int:
+        """What backprop's forward keeps: every stage's input and saved tensors, the last head's."""
+        return sum(s.input + s.saved_stage for s in self.stages) + self.backprop_last_head_saved
 
     @property
     def backprop(self) -> int:
-        # every stage's input (kept by its first layer) and activations until the backward
-        return (self.backprop_resident + sum(s.input + s.saved_stage for s in self.stages)
-                + self.backprop_last_head_saved)
+        K = len(self.stages)
+        peak = 0
+        for j in reversed(range(K)):  # the backward at stage j: activations of 1..j, gradients of j..K
+            acts = sum(s.input + s.saved_stage for s in self.stages[:j + 1])
+            acts += self.backprop_last_head_saved if j == K - 1 else 0
+            peak = max(peak, acts + sum(s.backprop_grads for s in self.stages[j:]))
+        return self.backprop_resident + peak
 
     def as_dict(self) -> dict:
         return {"batch_size": self.batch_size, "stages": [asdict(s) for s in self.stages],
+                "backprop_activations": self.backprop_activations,
                 "dgl_sequential": self.dgl_sequential, "dgl_pipelined": self.dgl_pipelined, "backprop": self.backprop}
 
     def table(self) -> str:
@@ -91,7 +109,8 @@ class MemoryReport:
         for j, s in enumerate(self.stages):
             lines.append(f"| {j + 1} | {mib(s.params)} | {mib(s.grads)} | {mib(s.optimizer_state)} | {mib(s.input)} | "
                          f"{mib(s.saved_stage)} | {mib(s.saved_head)} | {mib(s.output)} | {mib(s.step)} |")
-        lines += ["", f"Totals (MiB): DGL sequential {mib(self.dgl_sequential)}, DGL pipelined "
+        lines += ["", "Gradients live during their stage's step only (sequential engine) or always (pipelined).",
+                  f"Totals (MiB): DGL sequential {mib(self.dgl_sequential)}, DGL pipelined "
                       f"{mib(self.dgl_pipelined)}, end-to-end backprop {mib(self.backprop)}."]
         return "\n".join(lines)
 
@@ -202,11 +221,12 @@ def memory_report(model: DecoupledModel, x: torch.Tensor, y: torch.Tensor,
         for m, t in zip(model.modules(), was_training):
             m.training = t
     # backprop trains the stages and the last head, with an optimizer of the same kind
+    for j, st in enumerate(stages):
+        mods = [model.stages[j]] + ([model.heads[j]] if j == K - 1 else [])
+        st.backprop_grads = _nbytes([p for m in mods for p in m.parameters() if p.requires_grad])
     bp_params = [p for st in model.stages for p in st.parameters()] + list(model.heads[-1].parameters())
-    bp_trainable = [p for p in bp_params if p.requires_grad]
     grads = sum(st.grads for st in stages)
     state_per_grad_byte = sum(st.optimizer_state for st in stages) / grads if grads else 0.0
-    backprop_resident = (_nbytes(bp_params) + _nbytes(bp_trainable)
-                         + round(state_per_grad_byte * _nbytes(bp_trainable)))
+    backprop_resident = _nbytes(bp_params) + round(state_per_grad_byte * sum(st.backprop_grads for st in stages))
     return MemoryReport(batch_size=int(x.shape[0]), stages=stages, backprop_resident=backprop_resident,
                         backprop_last_head_saved=last_head_saved)

@@ -119,8 +119,9 @@ class Trainer:
         cuda_graphs: replay one CUDA graph per stage step in the streams engine (default: on CUDA
             with ``torch.optim.SGD`` optimizers and without fp16). The learning rate lives in a
             device tensor, so schedules need no re-capture; a partial last batch runs eagerly. In
-            ``async`` mode each stage's graph also samples its input buffer and pushes to its
-            output buffer (:class:`~dgl_fast.engine.AsyncGraphs`; not with ``max_reuse``).
+            ``async`` mode each stage step replays its graph between an eager sample of its input
+            buffer and a push to its output buffer (:class:`~dgl_fast.engine.AsyncGraphs`; not with
+            ``max_reuse``; async batches keep one size, and :meth:`fit` skips a partial last one).
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast per stage (fp16 with a loss scaler per
             stage; CUDA only).
         channels_last: keep the model and its inputs in channels_last memory format.

@@ -12,6 +12,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cuda(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
+  check_lbr_args(x, w, bias, gamma, beta, running_mean, running_var, training);  // before the guard
   const c10::cuda::CUDAGuard guard(x.device());
   return linear_bn_relu_impl(x, w, bias, gamma, beta, running_mean, running_var, training, eps,
                              CudaLauncher(x.get_device()));
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
 
 void bn_update_stats_cuda(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
                           at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums) {
+  check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
   if (rms.empty()) return;
   const c10::cuda::CUDAGuard guard(rms[0].device());
   bn_update_stats_impl(rms, rvs, nbt, means, vars, counts, momentums, CudaLauncher(rms[0].get_device()));

@@ -5,16 +5,22 @@
 // What it models:
 //   - threadIdx / blockIdx / blockDim / gridDim, blocks run one at a time (in a shuffled order when
 //     a seed is set), every thread of a block on its own stack (ucontext fibers);
-//   - __syncthreads(): a barrier of every thread of the block. A thread that has returned never
-//     arrives, so a barrier that some threads skip is reported as a deadlock (CUDA leaves it
-//     undefined), not silently passed;
+//   - __syncthreads(): a barrier of every thread of the block, all reaching the same call site. A
+//     thread that has returned never arrives, so a barrier that some threads skip is reported as a
+//     deadlock (CUDA leaves it undefined), not silently passed; so are barriers met at different
+//     call sites;
 //   - __shfl_xor_sync(full mask, v, lane_mask): an exchange among all lanes of the warp (32
-//     consecutive linear thread ids), with a barrier on each side; a partial mask is reported;
+//     consecutive linear thread ids), with a barrier on each side; a partial mask, or lanes that
+//     pass different lane masks, are reported;
 //   - __shared__ variables: function statics, shared by the block that runs;
-//   - scheduling: between two barriers, threads run in a shuffled order when a seed is set, so a
-//     kernel whose result depends on the order of threads (a race on shared memory) gives
+//   - scheduling: each thread runs uninterrupted from one barrier to the next, in a shuffled order
+//     when a seed is set. A kernel whose result depends on the order of threads across a barrier
+//     (one thread writes shared memory after a barrier that another thread's read assumed) gives
 //     different bits under different seeds.
-// What it does not model: memory bounds, the memory model beyond barriers, atomics, timing.
+// What it does not model: interleavings between two barriers (a read-modify-write race on shared
+// memory without a barrier inside gives the sequential answer), shared memory's initial contents
+// (zero at the first block, then whatever the previous block left; garbage on a GPU), the memory
+// model beyond barriers, atomics, timing. Memory bounds: tests/test_simt.py runs it under ASan.
 #pragma once
 
 #include <ucontext.h>
@@ -61,6 +67,8 @@ struct Group {  // a barrier: `size` arrivals release it and bump `generation`
   int size = 0;
   int arrived = 0;
   uint64_t generation = 0;
+  const char* site_file = nullptr;  // where the first thread of this round arrived
+  int site_line = 0;
 };
 
 struct Thread {
@@ -80,6 +88,7 @@ struct Block {
   Group barrier;
   std::vector<Group> warp_barriers;
   std::vector<unsigned char> warp_slots;  // [warps][32][16] bytes exchanged by shuffles
+  std::vector<int> warp_masks;            // [warps][32] lane masks of the shuffle in flight
   ucontext_t scheduler;
   Thread* current = nullptr;
   const std::function<void()>* body = nullptr;
@@ -89,6 +98,7 @@ struct Block {
 inline thread_local Block* g_block = nullptr;
 inline Stats g_stats;
 inline uint64_t g_seed = 0;
+inline uint64_t g_seeded_launches = 0;  // launches since the seed was set: schedules replay per test
 
 inline Thread& self() { return *g_block->current; }
 
@@ -105,9 +115,18 @@ inline Thread& self() { return *g_block->current; }
   std::abort();  // unreachable
 }
 
-inline void arrive(Group& g, const char* where) {
+inline void arrive(Group& g, const char* where, const char* file = nullptr, int line = 0) {
   Thread& t = self();
   const uint64_t gen = g.generation;
+  if (file != nullptr) {
+    if (g.arrived == 0) {
+      g.site_file = file;
+      g.site_line = line;
+    } else if (line != g.site_line || std::strcmp(file, g.site_file) != 0) {
+      fail(std::string(where) + " reached at " + file + ":" + std::to_string(line) + " while other threads wait at " +
+           g.site_file + ":" + std::to_string(g.site_line));
+    }
+  }
   if (++g.arrived == g.size) {
     g.arrived = 0;
     ++g.generation;
@@ -119,9 +138,9 @@ inline void arrive(Group& g, const char* where) {
   swapcontext(&t.ctx, &g_block->scheduler);
 }
 
-inline void syncthreads() {
+inline void syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ++g_stats.block_barriers;
-  arrive(g_block->barrier, "__syncthreads");
+  arrive(g_block->barrier, "__syncthreads", file, line);
 }
 
 template <typename T>
@@ -137,8 +156,14 @@ T shfl_xor(unsigned mask, T value, int lane_mask, int width = kWarpSize) {
   if (src < 0 || src >= g.size) fail("__shfl_xor_sync: source lane " + std::to_string(src) + " outside the warp");
   ++g_stats.warp_exchanges;
   unsigned char* slots = b.warp_slots.data() + static_cast<size_t>(t.warp) * kWarpSize * 16;
+  int* masks = b.warp_masks.data() + static_cast<size_t>(t.warp) * kWarpSize;
   std::memcpy(slots + t.lane * 16, &value, sizeof(T));
+  masks[t.lane] = lane_mask;
   arrive(g, "__shfl_xor_sync (write)");
+  for (int l = 0; l < g.size; ++l)
+    if (masks[l] != lane_mask)
+      fail("__shfl_xor_sync: lane " + std::to_string(l) + " passed lane mask " + std::to_string(masks[l]) +
+           ", this lane " + std::to_string(lane_mask) + " (lanes of one exchange must agree)");
   T out;
   std::memcpy(&out, slots + src * 16, sizeof(T));
   arrive(g, "__shfl_xor_sync (read)");
@@ -178,6 +203,7 @@ inline void run_block(Block& b, std::vector<char>& stacks, size_t stack_bytes, s
   b.warp_barriers.assign(warps, Group{});
   for (int w = 0; w < warps; ++w) b.warp_barriers[w].size = std::min(kWarpSize, n - w * kWarpSize);
   b.warp_slots.assign(static_cast<size_t>(warps) * kWarpSize * 16, 0);
+  b.warp_masks.assign(static_cast<size_t>(warps) * kWarpSize, 0);
   b.error.clear();
 
   std::vector<int> order(n);
@@ -230,7 +256,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body, siz
       for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
   std::unique_ptr<std::mt19937_64> rng;
   if (g_seed != 0) {
-    rng = std::make_unique<std::mt19937_64>(g_seed + g_stats.launches);
+    rng = std::make_unique<std::mt19937_64>(g_seed * 1000003u + (++g_seeded_launches));
     std::shuffle(blocks.begin(), blocks.end(), *rng);
   }
   std::vector<char> stacks(static_cast<size_t>(nthreads) * stack_bytes);
@@ -268,5 +294,5 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body, siz
 #define blockIdx (::simt::g_block->bid)
 #define blockDim (::simt::g_block->block)
 #define gridDim (::simt::g_block->grid)
-#define __syncthreads() ::simt::syncthreads()
+#define __syncthreads() ::simt::syncthreads(__FILE__, __LINE__)
 #define __shfl_xor_sync(mask, value, lane_mask) ::simt::shfl_xor((mask), (value), (lane_mask))

@@ -37,6 +37,7 @@ void check_cpu(const at::Tensor& t, const char* what) {
 void configure(int64_t seed, int64_t multiprocessors) {
   TORCH_CHECK(multiprocessors >= 1, "simt.configure: multiprocessors must be >= 1");
   simt::g_seed = static_cast<uint64_t>(seed);
+  simt::g_seeded_launches = 0;
   g_multiprocessors = static_cast<int>(multiprocessors);
 }
 
@@ -124,12 +125,30 @@ __global__ void one_past_the_end_kernel(int64_t* out, int64_t n) {
   if (threadIdx.x == 0) out[n] = 1;  // writes the element after the tensor's last
 }
 
+__global__ void split_barrier_kernel(int* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();  // another barrier: undefined in CUDA
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void mismatched_shuffle_kernel(int* out) {
+  const int v = static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = threadIdx.x < 16 ? __shfl_xor_sync(0xffffffffu, v, 1) : __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 void misuse(const std::string& which, at::Tensor out) {
   check_cpu(out, "misuse");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong, "simt.misuse: expected a contiguous int64 tensor");
   if (which == "skipped_barrier") {
     at::Tensor ints = at::zeros({64}, out.options().dtype(at::kInt));
     SimtLauncher{}(skipped_barrier_kernel, dim3(1), dim3(64), ints.mutable_data_ptr<int>());
+  } else if (which == "split_barrier" || which == "mismatched_shuffle") {
+    at::Tensor ints = at::zeros({64}, out.options().dtype(at::kInt));
+    SimtLauncher{}(which == "split_barrier" ? split_barrier_kernel : mismatched_shuffle_kernel, dim3(1), dim3(64),
+                   ints.mutable_data_ptr<int>());
   } else if (which == "racy_sum") {
     SimtLauncher{}(racy_block_sum_kernel, dim3(1), dim3(64), out.mutable_data_ptr<int64_t>());
   } else if (which == "out_of_bounds") {
