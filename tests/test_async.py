@@ -137,3 +137,19 @@ def test_async_graph_path_follows_per_stage_lr_schedules_and_resets_on_load():
     assert min(graph.stage_steps) > 2 and not any(graph._async_graphs.ready(j) for j in range(3))
     graph.step(*train[0])
     assert graph._async_graphs.stages[0] is None and graph._async_graphs.eager_steps[0] == 1
+
+
+def test_async_graph_path_bf16_channels_last():
+    # autocast and channels_last through the graph path: only GraphSGD's rounding differs from eager
+    model = small_model(3, seed=3, aux="mlp-sr", fused=True)
+    data_ = batches(25, B=16, seed=5)
+    kw = dict(optimizer=sgd, mode="async", buffer_capacity=3, slowdown={2: 0.5}, seed=7, amp="bf16",
+              channels_last=True)
+    eager = dgl_fast.Trainer(copy.deepcopy(model), **kw)
+    graph = _with_emulated_graphs(dgl_fast.Trainer(copy.deepcopy(model), **kw))
+    for x, y in data_:
+        eager.step(x, y)
+        graph.step(x, y)
+    assert all(st is not None for st in graph._async_graphs.stages) and min(graph.stage_steps) > 2
+    for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-5)
