@@ -322,3 +322,17 @@ def test_graph_code_path_fit_with_lr_changes_and_partial_batches():
         assert a["stage_samples"] == b["stage_samples"] and a["lr"] == b["lr"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-9)
+
+
+def test_graph_code_path_bf16_channels_last():
+    # the pipelined graph path under bf16 autocast with channels_last: only GraphSGD's rounding
+    # differs from the sequential engine
+    model = small_model(3, seed=12, aux="mlp-sr", fused=True)
+    data = batches(8, B=16, seed=6)
+    seq, _ = _run(model, data, engine="sequential", amp="bf16", channels_last=True)
+    tr = _emulated_graph_trainer(model, amp="bf16", channels_last=True)
+    for x, y in data:
+        tr.step(x, y)
+    tr.flush()
+    assert tr._engine._graph_state is not None and tr.stage_steps == [8] * 3
+    assert_same_state(tr.model, seq.model, rtol=1e-5, atol=1e-5)
