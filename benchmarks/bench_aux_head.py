@@ -51,7 +51,7 @@ def make_step(head_fn, params, x, y, amp):
 
 def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
     torch.manual_seed(0)
-    head = dgl_fast.AuxHead(C, s, 10, kind=kind).to(device)
+    head = dgl_fast.AuxHead(C, s, 10, kind=kind, fused=True).to(device)
     ref_head = copy.deepcopy(head)
     ref = ref_head.to_reference()
     x = torch.randn(B, C, s, s, device=device, requires_grad=True)

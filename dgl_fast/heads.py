@@ -54,8 +54,11 @@ class AuxHead(nn.Module):
             2 x [Linear, BN1d, ReLU], Linear) or ``"linear"`` (global average pool, Linear).
         hidden: width of the hidden linear layers (default 4C, as in the paper; the asynchronous
             experiments use 256). For ``cnn`` it is the width of the convolutions (default C).
-        fused: compute ``mlp-sr``, ``mlp`` and ``last`` heads with dgl_fast's fused ops (default);
-            ``cnn`` and ``linear`` heads always run as plain PyTorch modules.
+        fused: ``"auto"`` (default): compute ``mlp-sr``, ``mlp`` and ``last`` heads with dgl_fast's
+            fused ops on CUDA, and with the plain PyTorch modules elsewhere (on the CPU PyTorch's
+            own vectorised kernels are faster than the fused ops' CPU kernels); ``True``: the fused
+            ops on every device (their CPU kernels are the reference the CUDA kernels are tested
+            against); ``False``: never. ``cnn`` and ``linear`` heads always run as plain PyTorch.
 
     ``forward(x)`` returns logits; :meth:`loss` returns the mean cross-entropy and the number of
     correct predictions (fused softmax + cross-entropy op). The fused path computes the same
@@ -67,7 +70,7 @@ class AuxHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, in_size, num_classes: int, kind: str = "mlp-sr", hidden: int | None = None,
-                 fused: bool = True):
+                 fused: bool | str = "auto"):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise ValueError(f"unknown aux head kind {kind!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -103,8 +106,10 @@ class AuxHead(nn.Module):
         else:  # linear
             hid = C
             layers = [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(C, num_classes)]
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         self.hidden = hid
-        self.fused = bool(fused)
+        self.fused = fused
         self.layers = nn.Sequential(*layers)
         # the fused path's view of the layers, computed once (forward is on the hot path)
         self._linears = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
@@ -127,8 +132,11 @@ class AuxHead(nn.Module):
         return self.layers(x)
 
     def uses_fused_ops(self) -> bool:
-        """Whether :meth:`forward` runs dgl_fast's fused ops (kind, settings and BatchNorm options allow)."""
-        if not self.fused or self.kind not in FUSED_KINDS:
+        """Whether :meth:`forward` runs dgl_fast's fused ops (kind, device, settings and BatchNorm
+        options allow)."""
+        if self.fused is False or self.kind not in FUSED_KINDS:
+            return False
+        if self.fused == "auto" and self._linears[0].weight.device.type != "cuda":
             return False
         return all(m.affine and m.track_running_stats and m.momentum is not None and m.running_mean is not None
                    for m in self._bns)

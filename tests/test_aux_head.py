@@ -184,7 +184,7 @@ def _compare_head(kind, C, s, B, device, layout="nchw", hidden=None, steps=2):
     in float64 and must match the float64 reference to 1e-9. Larger batches run in float32 under
     the 2x-of-PyTorch error rule against float64."""
     torch.manual_seed(C + s + B)
-    fused = AuxHead(C, s, 10, kind=kind, hidden=hidden).to(device)
+    fused = AuxHead(C, s, 10, kind=kind, hidden=hidden, fused=True).to(device)
     assert fused.uses_fused_ops()
     if B <= 3:
         _compare_head_float64(fused, B, device, layout, steps)
@@ -277,7 +277,7 @@ def test_fused_head_batch_1000_cuda(kind, C, s):
 
 def test_fused_head_float64_tight():
     torch.manual_seed(0)
-    fused = AuxHead(6, 9, 10, kind="mlp-sr", hidden=20).double()
+    fused = AuxHead(6, 9, 10, kind="mlp-sr", hidden=20, fused=True).double()
     ref = copy.deepcopy(fused).to_reference()
     x = torch.randn(5, 6, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-12, atol=1e-12)
@@ -288,7 +288,7 @@ def test_fused_head_autocast_within_2x_of_pytorch(device, dtype):
     if device.type == "cpu" and dtype == torch.float16:
         pytest.skip("CPU autocast runs bfloat16")
     torch.manual_seed(1)
-    head = AuxHead(32, 8, 10, kind="mlp-sr").to(device)
+    head = AuxHead(32, 8, 10, kind="mlp-sr", fused=True).to(device)
     exact = copy.deepcopy(head).double().to_reference()
     plain = copy.deepcopy(head).to_reference()
     x = torch.randn(16, 32, 8, 8, device=device)
@@ -310,7 +310,7 @@ def test_fused_head_autocast_within_2x_of_pytorch(device, dtype):
 def test_fused_head_in_cuda_graph_equals_eager(kind):
     dev = torch.device("cuda")
     torch.manual_seed(2)
-    head = AuxHead(64, 8, 10, kind=kind).to(dev)
+    head = AuxHead(64, 8, 10, kind=kind, fused=True).to(dev)
     twin = copy.deepcopy(head)
     static_x = torch.randn(32, 64, 8, 8, device=dev)
     static_y = torch.randint(0, 10, (32,), device=dev)
@@ -347,7 +347,7 @@ def test_fused_head_in_cuda_graph_equals_eager(kind):
 
 
 def test_fused_head_bad_input():
-    head = AuxHead(8, 4, 10, kind="mlp")
+    head = AuxHead(8, 4, 10, kind="mlp", fused=True)
     with pytest.raises(ValueError, match=r"expected features of shape \[B, 8, 4, 4\], got \[3, 7, 4, 4\]"):
         head(torch.randn(3, 7, 4, 4))
     with pytest.raises(ValueError, match=r"expected features of shape \[B, 8, 4, 4\], got \[3, 8, 5, 4\]"):
@@ -366,15 +366,23 @@ def test_fused_head_bad_input():
 
 @pytest.mark.cuda
 def test_fused_head_device_mismatch():
-    head = AuxHead(8, 4, 10, kind="mlp").cuda()
+    head = AuxHead(8, 4, 10, kind="mlp", fused=True).cuda()
     with pytest.raises(ValueError, match="expected features on cuda:0 like its parameters, got cpu"):
         head(torch.randn(3, 8, 4, 4))
 
 
+def test_fused_auto_means_cuda_only(device):
+    head = AuxHead(8, 4, 10, kind="mlp").to(device)  # fused="auto"
+    assert head.uses_fused_ops() == (device.type == "cuda")
+    assert AuxHead(8, 4, 10, kind="mlp", fused=True).to(device).uses_fused_ops()
+    with pytest.raises(ValueError, match="fused must be True, False or 'auto', got 'yes'"):
+        AuxHead(8, 4, 10, fused="yes")
+
+
 def test_fallbacks_to_plain_pytorch():
-    assert not AuxHead(8, 4, 10, kind="cnn").uses_fused_ops()
+    assert not AuxHead(8, 4, 10, kind="cnn", fused=True).uses_fused_ops()
     assert not AuxHead(8, 4, 10, kind="mlp", fused=False).uses_fused_ops()
-    head = AuxHead(8, 4, 10, kind="mlp")
+    head = AuxHead(8, 4, 10, kind="mlp", fused=True)
     head.layers[3].momentum = None  # cumulative moving average: not fused
     assert not head.uses_fused_ops()
 
@@ -401,7 +409,7 @@ def test_linear_bn_relu_low_precision_within_2x(device, dtype):
 def test_fused_head_traces_under_torch_compile():
     # fake kernels + registered autograd let the whole fused head trace as one graph
     torch.manual_seed(0)
-    head = AuxHead(8, 6, 10, kind="mlp-sr")
+    head = AuxHead(8, 6, 10, kind="mlp-sr", fused=True)
     twin = copy.deepcopy(head)
     compiled = torch.compile(lambda x, y: head.loss(x, y)[0], backend="aot_eager", fullgraph=True)
     x, y = torch.randn(5, 8, 6, 6), torch.randint(0, 10, (5,))
