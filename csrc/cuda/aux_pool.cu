@@ -1,5 +1,4 @@
 // CUDA registration of dgl_fast::aux_pool / aux_pool_bwd; kernels and host logic: aux_pool.cuh.
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "aux_pool.cuh"
@@ -9,14 +8,10 @@ namespace dgl_fast {
 namespace {
 
 at::Tensor aux_pool_cuda(const at::Tensor& x, int64_t out_h, int64_t out_w, bool channels_last_out) {
-  check_aux_pool_args(x, out_h, out_w);
-  const c10::cuda::CUDAGuard guard(x.device());
   return aux_pool_impl(x, out_h, out_w, channels_last_out, CudaLauncher(x.get_device()));
 }
 
 at::Tensor aux_pool_bwd_cuda(const at::Tensor& g, int64_t in_h, int64_t in_w, bool channels_last_in) {
-  check_aux_pool_bwd_args(g, in_h, in_w);
-  const c10::cuda::CUDAGuard guard(g.device());
   return aux_pool_bwd_impl(g, in_h, in_w, channels_last_in, CudaLauncher(g.get_device()));
 }
 

@@ -112,6 +112,7 @@ at::Tensor aux_pool_impl(const at::Tensor& x, int64_t out_h, int64_t out_w, bool
                          const Launcher& launch) {
   using namespace aux_pool_detail;
   check_aux_pool_args(x, out_h, out_w);
+  const typename Launcher::Guard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({B, C, out_h, out_w}, x.options().memory_format(format_of(channels_last_out)));
   const int64_t total = out.numel();
@@ -128,6 +129,7 @@ at::Tensor aux_pool_bwd_impl(const at::Tensor& g, int64_t in_h, int64_t in_w, bo
                              const Launcher& launch) {
   using namespace aux_pool_detail;
   check_aux_pool_bwd_args(g, in_h, in_w);
+  const typename Launcher::Guard guard(g.device());
   const int64_t B = g.size(0), C = g.size(1), oh = g.size(2), ow = g.size(3);
   at::Tensor gx = at::empty({B, C, in_h, in_w}, g.options().memory_format(format_of(channels_last_in)));
   const int64_t total = gx.numel();

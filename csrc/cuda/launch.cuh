@@ -3,6 +3,7 @@
 // Each op's kernels and host logic (allocation, launch configuration, dispatch) live in a header
 // `csrc/cuda/<op>.cuh` written against a *launcher* instead of `<<<...>>>`:
 //
+//   typename Launcher::Guard guard(device);     // after the argument checks, before any launch
 //   launch(kernel<...>, grid, block, args...);   // run `kernel` on a grid of blocks
 //   launch.multiprocessors();                    // SM count, for launch heuristics
 //
@@ -12,6 +13,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <utility>
@@ -19,6 +21,8 @@
 namespace dgl_fast {
 
 struct CudaLauncher {
+  using Guard = c10::cuda::CUDAGuard;  // makes the tensors' device current
+
   cudaStream_t stream;
   int device;
 

@@ -1,6 +1,5 @@
 // CUDA registration of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats; kernels and
 // host logic: linear_bn_relu.cuh.
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -12,8 +11,6 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cuda(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
-  check_lbr_args(x, w, bias, gamma, beta, running_mean, running_var, training);  // before the guard
-  const c10::cuda::CUDAGuard guard(x.device());
   return linear_bn_relu_impl(x, w, bias, gamma, beta, running_mean, running_var, training, eps,
                              CudaLauncher(x.get_device()));
 }
@@ -21,17 +18,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, bool training, double eps) {
-  const c10::cuda::CUDAGuard guard(z.device());
   return linear_bn_relu_bwd_impl(grad_out, x, w, z, mean, var, gamma, beta, training, eps,
                                  CudaLauncher(z.get_device()));
 }
 
 void bn_update_stats_cuda(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
                           at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums) {
-  check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
-  if (rms.empty()) return;
-  const c10::cuda::CUDAGuard guard(rms[0].device());
-  bn_update_stats_impl(rms, rvs, nbt, means, vars, counts, momentums, CudaLauncher(rms[0].get_device()));
+  bn_update_stats_impl(rms, rvs, nbt, means, vars, counts, momentums,
+                       CudaLauncher(rms.empty() ? -1 : rms[0].get_device()));
 }
 
 }  // namespace

@@ -176,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_impl(
   using namespace linear_bn_relu_detail;
   at::Tensor out, z, mean, var;
   std::tie(out, z, mean, var) = lbr_forward_setup(x, w, bias, gamma, beta, running_mean, running_var, training);
+  const typename Launcher::Guard guard(x.device());
   const int64_t N = z.size(0), M = z.size(1);
   const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
   if (M == 0 || N == 0) return {out, z, mean, var};
@@ -202,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, bool training,
     double eps, const Launcher& launch) {
   using namespace linear_bn_relu_detail;
+  const typename Launcher::Guard guard(z.device());
   const at::Tensor grad_out = grad_out_in.contiguous();
   TORCH_CHECK(grad_out.sizes() == z.sizes(), "linear_bn_relu backward: expected a gradient of shape ", z.sizes(),
               ", got ", grad_out.sizes());
@@ -246,6 +248,7 @@ void bn_update_stats_impl(at::TensorList rms, at::TensorList rvs, at::TensorList
   using namespace linear_bn_relu_detail;
   check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
   if (rms.empty()) return;
+  const typename Launcher::Guard guard(rms[0].device());
   for (size_t start = 0; start < rms.size(); start += kMaxLayers) {
     const size_t L = std::min<size_t>(kMaxLayers, rms.size() - start);
     AT_DISPATCH_FLOATING_TYPES(rms[start].scalar_type(), "bn_update_stats_cuda", [&] {

@@ -1,5 +1,4 @@
 // CUDA registration of dgl_fast::replay_push / replay_sample; kernels and host logic: replay_buffer.cuh.
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -10,17 +9,12 @@ namespace {
 
 void replay_push_cuda(at::Tensor& storage, at::Tensor& label_store, at::Tensor& state, at::Tensor& uses,
                       at::Tensor& stamps, const at::Tensor& x, const at::Tensor& y) {
-  check_replay_state(storage, label_store, state, uses, stamps);  // before the guard
-  check_replay_batch("push", storage, label_store, x, y);
-  const c10::cuda::CUDAGuard guard(storage.device());
   replay_push_impl(storage, label_store, state, uses, stamps, x, y, CudaLauncher(storage.get_device()));
 }
 
 void replay_sample_cuda(at::Tensor& state, at::Tensor& uses, const at::Tensor& stamps, const at::Tensor& storage,
                         const at::Tensor& label_store, at::Tensor& out, at::Tensor& out_labels, at::Tensor& info,
                         int64_t policy, int64_t max_reuse, int64_t seed) {
-  check_replay_sample_args(state, uses, stamps, storage, label_store, out, out_labels, info, policy);
-  const c10::cuda::CUDAGuard guard(storage.device());
   replay_sample_impl(state, uses, stamps, storage, label_store, out, out_labels, info, policy, max_reuse, seed,
                      CudaLauncher(storage.get_device()));
 }

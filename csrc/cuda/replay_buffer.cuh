@@ -133,6 +133,7 @@ void replay_push_impl(at::Tensor& storage, at::Tensor& label_store, at::Tensor& 
   using namespace replay_detail;
   check_replay_state(storage, label_store, state, uses, stamps);
   check_replay_batch("push", storage, label_store, x_in, y_in);
+  const typename Launcher::Guard guard(storage.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t* head = state.const_data_ptr<int64_t>();
@@ -148,6 +149,7 @@ void replay_sample_impl(at::Tensor& state, at::Tensor& uses, const at::Tensor& s
                         int64_t policy, int64_t max_reuse, int64_t seed, const Launcher& launch) {
   using namespace replay_detail;
   check_replay_sample_args(state, uses, stamps, storage, label_store, out, out_labels, info, policy);
+  const typename Launcher::Guard guard(storage.device());
   TORCH_CHECK(out.is_contiguous() && out_labels.is_contiguous(),
               "ReplayBuffer.sample: output tensors must be contiguous");
   launch(sample_select_kernel, dim3(1), dim3(1), state.mutable_data_ptr<int64_t>(), uses.mutable_data_ptr<int64_t>(),

@@ -1,5 +1,4 @@
 // CUDA registration of dgl_fast::softmax_xent; kernel and host logic: softmax_xent.cuh.
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -9,8 +8,6 @@ namespace dgl_fast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_xent_cuda(const at::Tensor& logits, const at::Tensor& labels) {
-  check_softmax_xent_args(logits, labels);  // before the guard: mixed devices get the op's own message
-  const c10::cuda::CUDAGuard guard(logits.device());
   return softmax_xent_impl(logits, labels, CudaLauncher(logits.get_device()));
 }
 

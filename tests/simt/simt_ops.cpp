@@ -21,6 +21,10 @@ namespace {
 int g_multiprocessors = 132;  // H100 SXM; tests vary it to take every launch-configuration branch
 
 struct SimtLauncher {
+  struct Guard {  // one device: nothing to switch
+    explicit Guard(const at::Device&) {}
+  };
+
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) const {
     // Each emulated thread gets its own copy of the arguments, as CUDA threads do.
