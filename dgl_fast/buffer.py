@@ -21,7 +21,8 @@ R-1 uses) and, once the ring is full, their tie-break ranks the oldest slot as t
 
 Cross-stream use: every push and sample first makes the current stream wait for the buffer's
 previous operation (a CUDA event the buffer owns) and then records a new one, so a producer on
-one stream and a consumer on another never see a half-written slot. The tensors returned by
+one stream and a consumer on another never see a half-written slot (the calls go through
+:mod:`dgl_fast.streams`, whose CPU stand-in lets tests check that order). The tensors returned by
 :meth:`sample` are fresh and owned by the caller. Inside a CUDA graph capture the events are
 skipped (the graph orders its own work); capture the raw ops (:func:`dgl_fast.ops.replay_push`,
 :func:`dgl_fast.ops.replay_sample`) with static outputs to replay them, and note that the host-side
@@ -36,6 +37,7 @@ import os
 import torch
 
 from . import ops
+from .streams import CudaStreams
 
 __all__ = ["ReplayBuffer", "Sample"]
 
@@ -80,6 +82,9 @@ class ReplayBuffer:
         max_reuse: times a slot may be sampled (None: unlimited).
         storage_dtype: dtype the ring stores (e.g. ``torch.bfloat16`` halves memory); default ``dtype``.
         seed: seed of the ``uniform`` policy's draws.
+        streams: what orders push and sample across streams: by default real CUDA streams on a CUDA
+            device and nothing on the CPU (operations run in program order);
+            :class:`dgl_fast.streams.RecordedStreams` records that order on the CPU (tests).
 
     The memory it needs (:attr:`nbytes`) is checked against what the device has free before
     anything is allocated.
@@ -87,7 +92,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, batch_shape, dtype: torch.dtype = torch.float32, device="cpu",
                  policy: str = "priority_lifo", max_reuse: int | None = None, storage_dtype: torch.dtype | None = None,
-                 seed: int = 0):
+                 seed: int = 0, streams=None):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be an int >= 1, got {capacity!r}")
         batch_shape = tuple(batch_shape)
@@ -120,7 +125,8 @@ class ReplayBuffer:
         self.uses = torch.zeros(capacity, dtype=torch.long, **kw)
         self.stamps = torch.zeros(capacity, dtype=torch.long, **kw)
         self.pushes = 0  # host-side count of pushes made through this object
-        self._event: torch.cuda.Event | None = None
+        self.streams = streams if streams is not None else (CudaStreams(self.device) if self.device.type == "cuda" else None)
+        self._event = None
         self._event_stream = None
         self._streams_seen: set = set()
 
@@ -134,29 +140,32 @@ class ReplayBuffer:
                 f"max_reuse={self.max_reuse}, nbytes={self.nbytes})")
 
     # cross-stream ordering -------------------------------------------------------------------
-    def _capturing(self) -> bool:
+    def _ordered(self) -> bool:
         # Inside a CUDA graph capture the ops are recorded on the capturing stream; events recorded
         # outside the capture cannot be waited on there, so ordering is left to the graph.
-        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return self.streams is not None and not self.streams.capturing()
 
     def _enter(self) -> None:
-        if self.device.type != "cuda" or self._capturing():
+        if not self._ordered():
             return
-        stream = torch.cuda.current_stream(self.device)
+        st = self.streams
+        stream = st.current()
         if self._event is not None and self._event_stream != stream:
-            stream.wait_event(self._event)
+            st.wait_event(stream, self._event)
         if stream not in self._streams_seen:
             self._streams_seen.add(stream)
             for t in (self.storage, self.label_store, self.state, self.uses, self.stamps):
-                t.record_stream(stream)
+                st.keep_alive(t, stream)
 
-    def _leave(self) -> None:
-        if self.device.type != "cuda" or self._capturing():
+    def _leave(self, what: str) -> None:
+        if not self._ordered():
             return
-        stream = torch.cuda.current_stream(self.device)
+        st = self.streams
+        stream = st.current()
+        st.mark((self, what))
         if self._event is None:
-            self._event = torch.cuda.Event()
-        self._event.record(stream)
+            self._event = st.new_event()
+        st.record(self._event, stream)
         self._event_stream = stream
 
     # ops -----------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer.push: expected labels on {self.device}, got {y.device}")
         self._enter()
         ops.replay_push(self.storage, self.label_store, self.state, self.uses, self.stamps, h.detach(), y)
-        self._leave()
+        self._leave("push")
         self.pushes += 1
 
     def sample(self) -> Sample:
@@ -211,5 +220,5 @@ class ReplayBuffer:
         self._enter()
         ops.replay_sample(self.state, self.uses, self.stamps, self.storage, self.label_store, out, out_labels, info,
                           self.policy, self.max_reuse, self.seed)
-        self._leave()
+        self._leave("sample")
         return Sample(out, out_labels, info)

@@ -250,6 +250,9 @@ def cmd_bench(name: str, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dgl_fast`` and the ``dgl-fast`` script."""
+    # One hardware queue per stage stream (the streams engine; up to 32 stages): the CUDA runtime
+    # reads this when it initialises, which no command has done yet at this point.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     parser = argparse.ArgumentParser(prog="python -m dgl_fast", description="dgl_fast: fast Decoupled Greedy Learning")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)

@@ -26,7 +26,37 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AsyncGraphs", "PipelinedEngine", "GraphSGD", "TickResult"]
+__all__ = ["AsyncGraphs", "PipelinedEngine", "GraphSGD", "StageMetrics", "TickResult"]
+
+
+class StageMetrics:
+    """Per-stage sums of the loss and of correct predictions, kept on the device.
+
+    Stage j adds to element j only (one kernel each), on whatever stream runs its step, so stages
+    on different streams never touch the same memory; :meth:`read` is a host synchronisation
+    the caller orders after the stages' work."""
+
+    def __init__(self, K: int, device: torch.device):
+        self.loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
+        self.correct_sum = torch.zeros(K, dtype=torch.long, device=device)
+        self.samples = [0] * K  # known on the host: every step's batch size
+
+    def add(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int, count: bool = True) -> None:
+        """Add a step's mean loss (times its ``n`` samples) and correct count to stage j;
+        ``count=False`` leaves the host sample count to the caller (inside a CUDA graph)."""
+        self.loss_sum.select(0, j).add_(loss.detach(), alpha=n)
+        self.correct_sum.select(0, j).add_(correct)
+        if count:
+            self.samples[j] += n
+
+    def read(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
+        """Per-stage (mean loss, correct, samples) since the last reset (a host sync)."""
+        sums, hits, samples = self.loss_sum.tolist(), self.correct_sum.tolist(), list(self.samples)
+        if reset:
+            self.loss_sum.zero_()
+            self.correct_sum.zero_()
+            self.samples = [0] * len(samples)
+        return [t / n if n else math.nan for t, n in zip(sums, samples)], hits, samples
 
 
 @dataclass
@@ -41,29 +71,31 @@ class TickResult:
 
 
 class GraphSGD:
-    """A CUDA-graph-capturable step of a ``torch.optim.SGD``: the learning rate lives in a device
-    tensor (``lr``), so a schedule changes it with ``set_lr`` and no re-capture.
+    """A CUDA-graph-capturable step of a ``torch.optim.SGD``, bitwise equal to torch's own.
 
-    Same update as ``torch.optim.SGD`` (weight decay, momentum, dampening, Nesterov), on the
+    It runs the foreach ops of torch's multi-tensor SGD (weight decay, momentum, dampening,
+    Nesterov; the same ops, in the same order, as torch's single-tensor SGD on the CPU) on the
     optimizer's own parameters and momentum buffers (which must exist: take one eager step first),
-    up to rounding: the step ``lr * d_p`` is rounded before it is subtracted (one ulp per step at
-    most; torch's foreach SGD can fuse it).
+    so a replayed graph produces exactly the parameters of eager ``opt.step()`` calls. Like torch's
+    SGD it passes the learning rate to the kernels as a number: a captured graph keeps the rate it
+    was captured with. :meth:`stale` tells when the optimizer's rate has changed since; the engines
+    then capture the stage step again (once per learning-rate change, not per step).
     """
 
-    def __init__(self, opt: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, opt: torch.optim.Optimizer):
         if type(opt) is not torch.optim.SGD:
             raise ValueError(f"CUDA graphs capture torch.optim.SGD steps; got {type(opt).__name__} "
                              "(use cuda_graphs=False for other optimizers)")
-        self.opt = opt
-        self.lr = [torch.tensor(float(g["lr"]), device=device, dtype=g["params"][0].dtype) for g in opt.param_groups]
         for g in opt.param_groups:
             if g.get("maximize", False):
                 raise ValueError("GraphSGD does not support maximize=True")
+        self.opt = opt
+        #: the learning rate of each parameter group, as captured
+        self.lr = [float(g["lr"]) for g in opt.param_groups]
 
-    def set_lr(self) -> None:
-        """Copy the optimizer's current (host) learning rates into the device tensors."""
-        for t, g in zip(self.lr, self.opt.param_groups):
-            t.fill_(float(g["lr"]))
+    def stale(self) -> bool:
+        """Whether the optimizer's learning rates differ from the captured ones."""
+        return any(float(g["lr"]) != lr for g, lr in zip(self.opt.param_groups, self.lr))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -85,13 +117,14 @@ class GraphSGD:
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, grads, alpha=1 - damp)
                 grads = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
-            torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+            torch._foreach_add_(params, grads, alpha=-lr)
 
     def zero_grad(self) -> None:
+        """Drop the gradients (``set_to_none``): inside a graph whose capture started without
+        gradients, each replay's backward writes them afresh, so no fill is needed."""
         for g in self.opt.param_groups:
             for p in g["params"]:
-                if p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
 
 class _StageGraphs:
@@ -131,15 +164,16 @@ class PipelinedEngine:
         self.next_batch = 0  # index of the next batch fed
         self.ticks = 0
         self.done = [None] * self.K  # event: stage j finished its last tick
-        # device-side metric accumulators, one per stage
-        self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        self.correct_sum = torch.zeros(self.K, dtype=torch.long, device=self.device)
-        self.samples = [0] * self.K
+        # two events per stage, used by tick parity: a tick waits on the previous tick's events
+        # while it records its own, with no new event object per stage step
+        self._events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in range(self.K)] if streams else None
+        self.metrics = StageMetrics(self.K, self.device)  # device-side, one entry per stage
         self._graph_state: list[_StageGraphs] | None = None
         self._graph_shape = None
         self._eager_ticks = 0
         self._graph_opts: list[GraphSGD] | None = None
         self._in_flight_graph: list[int | None] = [None] * self.K  # batch index in static buffers
+        self.captures = 0  # times the stage graphs were captured (first use, learning-rate changes, new shapes)
         #: set to a list to record (stage, batch, start event, end event) of every stage step (CUDA)
         self.trace: list | None = None
 
@@ -166,7 +200,7 @@ class PipelinedEngine:
     def _record_done(self, j: int) -> None:
         if self.streams is None:
             return
-        ev = torch.cuda.Event()
+        ev = self._events[j][self.ticks % 2]
         ev.record(self.streams[j])
         self.done[j] = ev
 
@@ -182,11 +216,6 @@ class PipelinedEngine:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(self.streams[j])
             self.trace.append((j, b, start, ev))
-
-    def _accumulate(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
-        self.loss_sum[j] += loss.double() * n
-        self.correct_sum[j] += correct
-        self.samples[j] += n
 
     def idle(self) -> bool:
         """True when no batch is inside the pipeline."""
@@ -217,7 +246,7 @@ class PipelinedEngine:
                     y.record_stream(stream)
                 start = self._trace_start(j)
                 h_out, loss, correct = self.tr._train_stage(j, h_in, y)
-                self._accumulate(j, loss, correct, y.shape[0])
+                self.metrics.add(j, loss, correct, y.shape[0])
                 self._record_done(j)
                 self._trace_end(j, b, start)
             if stream is not None:
@@ -237,9 +266,7 @@ class PipelinedEngine:
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Capture each stage's step for both batch parities (the pipeline is empty)."""
         tr, dev = self.tr, self.device
-        self._graph_opts = [GraphSGD(opt, dev) for opt in tr.optimizers]
-        for o in self._graph_opts:
-            o.set_lr()
+        self._graph_opts = [GraphSGD(opt) for opt in tr.optimizers]
         state = [_StageGraphs() for _ in range(self.K)]
         probes = []  # each stage's output (shape, dtype, memory format), without touching BN statistics
         with torch.no_grad():
@@ -280,6 +307,7 @@ class PipelinedEngine:
             opt.zero_grad(set_to_none=True)
         self._graph_state = state
         self._graph_shape = tuple(x.shape)
+        self.captures += 1
 
     def _graph_body(self, j: int, h_in, y, out) -> None:
         tr = self.tr
@@ -291,8 +319,7 @@ class PipelinedEngine:
         self._graph_opts[j].zero_grad()
         if out is not None:
             out.copy_(h.detach())
-        self.loss_sum[j] += loss.detach().double() * y.shape[0]
-        self.correct_sum[j] += correct
+        self.metrics.add(j, loss, correct, y.shape[0], count=False)  # replays count on the host
 
     def _graph_tick(self, fresh) -> TickResult:
         st = self._graph_state
@@ -326,7 +353,7 @@ class PipelinedEngine:
                 self._record_done(j)
                 self._trace_end(j, b, start)
             batches[j], samples[j] = b, self._graph_shape[0]
-            self.samples[j] += self._graph_shape[0]
+            self.metrics.samples[j] += self._graph_shape[0]
             self.tr.stage_steps[j] += 1
         self._in_flight_graph = inflight
         self.ticks += 1
@@ -348,8 +375,7 @@ class PipelinedEngine:
                 res = self._eager_tick((x, y, b))
                 self.flush()
                 return res
-            self.sync_to_current()  # the static buffers are freed on the caller's stream: after the replays
-            self._graph_state = None
+            self._drop_graphs()
         if self._graph_state is None:
             if self._eager_ticks < self.warmup:
                 self._eager_ticks += 1
@@ -386,16 +412,10 @@ class PipelinedEngine:
         """Per-stage (mean loss, correct, samples) since the last reset; a host sync."""
         if self.streams is not None:
             torch.cuda.synchronize(self.device)
-        sums, hits = self.loss_sum.tolist(), self.correct_sum.tolist()
-        samples = list(self.samples)
-        if reset:
-            self.loss_sum.zero_()
-            self.correct_sum.zero_()
-            self.samples = [0] * self.K
+        out = self.metrics.read(reset)
         if reset:
             self._streams_wait_current()
-        means = [s / n if n else math.nan for s, n in zip(sums, samples)]
-        return means, hits, samples
+        return out
 
     def _streams_wait_current(self) -> None:
         """Make every stage stream wait for what the caller's stream has queued (a reset of the
@@ -412,14 +432,24 @@ class PipelinedEngine:
         empty (flush first)."""
         if not self.idle():
             raise RuntimeError("flush the pipeline before resetting the engine")
-        self._graph_state, self._graph_opts, self._graph_shape, self._eager_ticks = None, None, None, 0
+        self._drop_graphs()
+        self._eager_ticks = 0
 
     def on_lr_change(self) -> None:
-        """Push the optimizers' learning rates to the captured graphs' device tensors."""
-        if self._graph_opts is not None:
-            for o in self._graph_opts:
-                o.set_lr()
-            self._streams_wait_current()
+        """After the optimizers' learning rates changed (the pipeline is flushed): graphs captured
+        with other rates are dropped and captured again at the next batch, without new warm-up."""
+        if self._graph_opts is not None and any(o.stale() for o in self._graph_opts):
+            self._drop_graphs()
+        self._streams_wait_current()
+
+    def _drop_graphs(self) -> None:
+        if not self.idle():
+            raise RuntimeError("flush the pipeline before dropping its graphs")
+        if self._graph_state is not None and not self.emulate_graphs:
+            # replays may still run on the stage streams; a rare event (a learning-rate change, a
+            # new batch shape), so the host simply waits before the graphs and buffers are freed
+            torch.cuda.synchronize(self.device)
+        self._graph_state, self._graph_opts, self._graph_shape = None, None, None
 
 
 class _AsyncStage:
@@ -474,14 +504,14 @@ class AsyncGraphs:
         self.stages, self.opts, self.eager_steps = [None] * self.K, [None] * self.K, [0] * self.K
 
     def on_lr_change(self, j: int | None = None) -> None:
-        """Copy stage j's (or every stage's) host learning rates into its graph, on the current stream."""
+        """After stage j's (or every stage's) learning rate changed: a graph captured with another
+        rate is dropped, and the stage's next step captures it again (no new warm-up)."""
         for k in range(self.K) if j is None else (j,):
-            if self.opts[k] is not None:
-                self.opts[k].set_lr()
-        if j is None and self.streams is not None:  # every stage's next replay sees the new rates
-            cur = torch.cuda.current_stream(self.device)
-            for s in self.streams:
-                s.wait_stream(cur)
+            if self.opts[k] is not None and self.opts[k].stale():
+                if not self.emulate_graphs:
+                    # its replays may still run; once per learning-rate change, the host waits
+                    (self.streams[k] if self.streams is not None else torch.cuda.current_stream(self.device)).synchronize()
+                self.stages[k], self.opts[k] = None, None
 
     def _body(self, j: int, st: _AsyncStage) -> None:
         tr = self.tr
@@ -511,8 +541,7 @@ class AsyncGraphs:
             st.h = torch.empty(nxt.batch_shape, dtype=nxt.dtype, device=dev)
         st.loss = torch.zeros((), dtype=torch.float32, device=dev)
         st.correct = torch.zeros((), dtype=torch.long, device=dev)
-        self.opts[j] = GraphSGD(tr.optimizers[j], dev)
-        self.opts[j].set_lr()
+        self.opts[j] = GraphSGD(tr.optimizers[j])
         tr.optimizers[j].zero_grad(set_to_none=True)  # gradients are allocated inside the graph
         if self.emulate_graphs:
             st.graph = _EmulatedGraph(self._body, j, st)
@@ -528,9 +557,10 @@ class AsyncGraphs:
         tr.optimizers[j].zero_grad(set_to_none=True)  # .grad must not point into the graph's memory
         self.stages[j] = st
 
-    def step(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
-        """Stage j's step on the current stream (captured first if needed). Returns ``(loss,
-        correct, samples)`` as fresh device tensors, like an eager step."""
+    def step(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None, on_replay=None):
+        """Stage j's step on the current stream (captured first if needed); ``on_replay()`` is
+        called between the replay and the push. Returns ``(loss, correct, samples)``: the graph's
+        static metric tensors, valid until stage j's next step (clone them to keep them longer)."""
         tr = self.tr
         if self.stages[j] is None:
             self._capture(j, x, y)
@@ -543,9 +573,11 @@ class AsyncGraphs:
         else:
             tr.buffers[j - 1].sample_into(st.x, st.y, st.info)
         st.graph.replay()
+        if on_replay is not None:
+            on_replay()
         if st.h is not None:
             tr.buffers[j].push(st.h, st.y)
-        return st.loss.clone(), st.correct.clone(), st.y.shape[0]
+        return st.loss, st.correct, st.y.shape[0]
 
 
 class _EmulatedGraph:

@@ -49,9 +49,12 @@ class AuxHead(nn.Module):
         in_size: spatial size of that output, ``s`` or ``(H, W)``.
         num_classes: number of classes.
         kind: ``"mlp-sr"`` (pool to ceil(s/4), 3 x [1x1 conv, BN, ReLU], pool to 2x2, 3 x [Linear,
-            BN1d, ReLU], Linear), ``"mlp"`` (pool to 2x2, 3 x [Linear, BN1d, ReLU], Linear),
-            ``"cnn"`` (2 x [3x3 conv, BN, ReLU], pool to 2x2, BN, Linear), ``"last"`` (pool to 2x2,
-            2 x [Linear, BN1d, ReLU], Linear) or ``"linear"`` (global average pool, Linear).
+            BN1d, ReLU], Linear), ``"mlp"`` (pool to ceil(s/4), pool to 2x2, 3 x [Linear, BN1d,
+            ReLU], Linear), ``"cnn"`` (2 x [3x3 conv, BN, ReLU], pool to 2x2, BN, Linear),
+            ``"last"`` (pool to ceil(s/4), pool to 2x2, 2 x [Linear, BN1d, ReLU], Linear) or
+            ``"linear"`` (global average pool, Linear). ``mlp`` and ``last`` pool twice as the
+            authors' code does: the same as one 2x2 pool when s is a multiple of 8, not otherwise
+            (MNIST's 28: 28 -> 7 -> 2x2 windows of 4 rows that overlap by one).
         hidden: width of the hidden linear layers (default 4C, as in the paper; the asynchronous
             experiments use 256). For ``cnn`` it is the width of the convolutions (default C).
         fused: ``"auto"`` (default): compute ``mlp-sr``, ``mlp`` and ``last`` heads with dgl_fast's
@@ -92,12 +95,10 @@ class AuxHead(nn.Module):
             for _ in range(3):
                 layers += [nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU()]
             layers += [nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten()] + _mlp(4 * C, hid, 3, num_classes)
-        elif kind == "mlp":
+        elif kind in ("mlp", "last"):
             hid = hidden or 4 * C
-            layers = [nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten()] + _mlp(4 * C, hid, 3, num_classes)
-        elif kind == "last":
-            hid = hidden or 4 * C
-            layers = [nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten()] + _mlp(4 * C, hid, 2, num_classes)
+            layers = [nn.AdaptiveAvgPool2d((math.ceil(h / 4), math.ceil(w / 4))), nn.AdaptiveAvgPool2d((2, 2)),
+                      nn.Flatten()] + _mlp(4 * C, hid, 3 if kind == "mlp" else 2, num_classes)
         elif kind == "cnn":
             hid = hidden or C
             layers = [nn.Conv2d(C, hid, 3, padding=1, bias=False), nn.BatchNorm2d(hid), nn.ReLU(),
@@ -114,6 +115,9 @@ class AuxHead(nn.Module):
         # the fused path's view of the layers, computed once (forward is on the hot path)
         self._linears = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
         self._bns = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # mlp / last: pooling to ceil(s/4) then to 2x2 is one 2x2 pool when both steps tile exactly
+        # (s a multiple of 8); the fused path then skips the intermediate pass
+        self._two_pools = kind in ("mlp", "last") and not (h % 8 == 0 and w % 8 == 0)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, in_channels={self.in_channels}, in_size={self.in_size}, "
@@ -183,7 +187,8 @@ class AuxHead(nn.Module):
             h = rows.view(B, ph, pw, C).permute(0, 3, 1, 2)
             h = ops.aux_pool(h, (2, 2)).reshape(B, 4 * C)
         else:
-            h = ops.aux_pool(x, (2, 2)).reshape(B, 4 * C)
+            h = ops.aux_pool(x, self.layers[0].output_size) if self._two_pools else x
+            h = ops.aux_pool(h, (2, 2)).reshape(B, 4 * C)
         while k < len(bns):
             h = block(h, linears[k], bns[k])
             k += 1

@@ -13,7 +13,11 @@
   in K equal parts (ResNet-152, K=2: 25 bottlenecks in stage 1, output 1024 x 14 x 14).
 
 Layer-based nets are grouped ``block_size`` layers a stage (VGG-13 b=3 gives K=4) or cut into
-``stages`` parts; ResNets take ``stages`` (default 2).
+``stages`` parts; ResNets take ``stages`` (default 2). When ``block_size`` does not divide the
+number of layers, the last stage holds the remaining layers (the authors' code drops them).
+
+The ``aux-study`` convolutions carry a bias, as in the authors' code (PyTorch's default there);
+the VGG and ResNet convolutions, followed by BatchNorm as well, have none.
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ def available() -> list[str]:
     return ["aux-study", *_VGG, *_CIFAR_RESNET, *_TV_RESNET]
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_bn_relu(cin: int, cout: int, bias: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def _aux_study_layers(depth: int, width: int, in_channels: int) -> list[nn.Module]:
+    # The authors' block_conv keeps PyTorch's default conv bias (trained and weight-decayed with the
+    # rest); it changes BatchNorm's running means, hence every eval-mode output.
     if depth < 1:
         raise ValueError(f"aux-study depth must be >= 1, got {depth}")
-    layers = [nn.Sequential(*_conv_bn_relu(in_channels, width))]
+    layers = [nn.Sequential(*_conv_bn_relu(in_channels, width, bias=True))]
     c = width
     for i in range(2, depth + 1):
         mods: list[nn.Module] = []
@@ -56,7 +62,7 @@ def _aux_study_layers(depth: int, width: int, in_channels: int) -> list[nn.Modul
         if i in (2, 4):
             mods.append(nn.MaxPool2d(2))
             cout = 2 * c
-        layers.append(nn.Sequential(*mods, *_conv_bn_relu(c, cout)))
+        layers.append(nn.Sequential(*mods, *_conv_bn_relu(c, cout, bias=True)))
         c = cout
     return layers
 

@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from . import ops
 from .buffer import ReplayBuffer
-from .engine import AsyncGraphs, PipelinedEngine
+from .engine import AsyncGraphs, PipelinedEngine, StageMetrics
 from .heads import AuxHead
 from .model import DecoupledModel
+from .streams import CudaStreams
 
 __all__ = ["Trainer", "StepOutput", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
@@ -79,6 +80,16 @@ def resolve_device(device) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _check_stream_connections(K: int) -> None:
+    # One stream per stage: beyond CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 by default),
+    # streams share queues and independent stages can wait on each other.
+    connections = int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8"))
+    if K > connections:
+        warnings.warn(f"{K} stage streams but CUDA_DEVICE_MAX_CONNECTIONS={connections}: stages share hardware queues "
+                      "and may serialise; set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA initialises (python -m "
+                      "dgl_fast does)", stacklevel=3)
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -125,10 +136,21 @@ class Trainer:
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast per stage (fp16 with a loss scaler per
             stage; CUDA only).
         channels_last: keep the model and its inputs in channels_last memory format.
+        streams: what ``mode="async"`` on ``engine="streams"`` runs its free-running stages on:
+            real CUDA streams by default; :class:`dgl_fast.streams.RecordedStreams` runs that
+            schedule on the CPU and records the order a GPU would enforce (with emulated CUDA
+            graphs when ``cuda_graphs`` is on), which is how CI checks its ordering.
 
     In ``async`` mode one :meth:`step` feeds one fresh batch: it runs scheduled stage ticks until
     stage 1 has consumed it. With ``max_reuse`` set, a stage finding its buffer used up skips
     its tick; telling so reads one flag from the device (the reference trainer's only host sync).
+    On the streams engine the stages free-run: stage 1 waits only for its batch (made on the
+    caller's stream), every other stage only for its buffers, and nothing waits for the caller
+    until :meth:`flush` (called by :meth:`read_metrics`, :meth:`evaluate`, :meth:`state_dict`,
+    :meth:`load_state_dict` and learning-rate changes) joins the stages into the caller's stream;
+    their next steps then wait for what the caller did meanwhile. :meth:`step` returns no
+    per-step metrics there (``losses`` and ``correct`` are None): they accumulate on the device,
+    per stage on its own stream, for :meth:`read_metrics`.
 
     Metrics stay on the device: :meth:`step` returns tensors and :meth:`fit` reads them only
     every ``log_every`` steps and at the end of each epoch.
@@ -139,7 +161,7 @@ class Trainer:
                  policy: str = "priority_lifo", max_reuse: int | None = None, slowdown: dict | None = None,
                  schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0,
                  engine: str = "auto", cuda_graphs: bool | None = None, amp: str | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, streams=None):
         if not isinstance(model, DecoupledModel):
             raise TypeError(f"Trainer expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
         if mode not in MODES:
@@ -168,6 +190,12 @@ class Trainer:
             raise TypeError("lr_schedule must be a callable epoch -> learning-rate factor")
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
+        recorded = bool(getattr(streams, "recorded", False))
+        if streams is not None and not (recorded or isinstance(streams, CudaStreams)):
+            raise TypeError(f"streams must be a dgl_fast.streams.CudaStreams or RecordedStreams, got {type(streams).__name__}")
+        if streams is not None and not (mode == "async" and engine == "streams"):
+            raise ValueError(f"streams= sets the stream backend of mode='async' on engine='streams', got mode={mode!r}, "
+                             f"engine={engine!r}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if amp not in AMP:
@@ -180,10 +208,10 @@ class Trainer:
         if engine == "streams" and mode == "async" and max_reuse is not None:
             raise ValueError("async DGL on streams never waits for the host: it does not take max_reuse (whose "
                              "'nothing available' check reads the device); use engine='sequential'")
-        if engine == "streams" and not cuda:
+        if engine == "streams" and not cuda and not recorded:
             raise ValueError(f"engine='streams' needs a CUDA device, got device {self.device}; "
                              "use engine='pipeline' (same schedule, stages in turn) or 'sequential'")
-        if cuda_graphs and not cuda:
+        if cuda_graphs and not cuda and not recorded:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {self.device}")
         if amp == "fp16" and not cuda:
             raise ValueError(f"amp='fp16' needs a CUDA device, got device {self.device}; use amp='bf16' on the CPU")
@@ -231,6 +259,7 @@ class Trainer:
         self._idle_metrics = None  # (NaN, 0) device constants for stages idle in a step
         self._fit_weights: dict = {}  # per-stage sample counts as device tensors, by value
         self._collect = True  # step() materialises per-stage metrics (fit turns it off for engines)
+        self._train_modes_for: int | None = None  # the stage set up by _set_train_modes (None: redo)
         self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
         if engine == "auto":
             free_async = mode == "async" and max_reuse is None
@@ -255,10 +284,17 @@ class Trainer:
         self._engine = (PipelinedEngine(self, streams=engine == "streams", graphs=self.cuda_graphs)
                         if engine in ("pipeline", "streams") and mode == "dgl" else None)
         # async on streams: stage j free-runs on its own stream; buffers order push/sample by events
-        self._async_streams = ([torch.cuda.Stream(self.device) for _ in range(K)]
-                               if engine == "streams" and mode == "async" else None)
-        self._async_graphs = (AsyncGraphs(self, self._async_streams)
-                              if self._async_streams is not None and self.cuda_graphs else None)
+        free = engine == "streams" and mode == "async"
+        self._ordering = (streams or CudaStreams(self.device)) if free else None
+        self._async_streams = [self._ordering.new_stream() for _ in range(K)] if free else None
+        self._async_graphs = (AsyncGraphs(self, self._async_streams, emulate_graphs=recorded)
+                              if free and self.cuda_graphs else None)
+        self._async_done = [self._ordering.new_event() for _ in range(K)] if free else None
+        self._async_ran = [False] * K  # stage j has recorded its done event
+        self._async_rejoin = False  # the caller's stream did work the stages must wait for
+        self._async_metrics = StageMetrics(K, self.device) if free else None
+        if cuda and engine == "streams":
+            _check_stream_connections(K)
         self._input_shape = model.input_shape
         self._num_classes = None
         self._stage_shapes = None
@@ -352,11 +388,17 @@ class Trainer:
                           torch.stack([zero if v is None else v for v in correct]), batch_size, samples)
 
     def _set_train_modes(self) -> None:
+        # Walking every module costs host time per step: done again only when the model was put in
+        # eval mode (evaluate restores the modes it found) or sequential mode moved to a new stage.
+        key = self.active_stage if self.mode == "sequential" else -1
+        if self.model.training and self._train_modes_for == key:
+            return
         self.model.train()
         if self.mode == "sequential":
             for j in range(self.active_stage):
                 self.model.stages[j].eval()
                 self.model.heads[j].eval()
+        self._train_modes_for = key
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train on one mini-batch: every stage in ``dgl`` mode, the active stage in ``sequential``
@@ -416,11 +458,35 @@ class Trainer:
         return self._step_output(res.losses, res.correct, batch_size, res.samples)
 
     def flush(self) -> None:
-        """Let every batch inside a pipelined engine finish its remaining stages (a no-op for the
-        other engines). :meth:`fit`, :meth:`evaluate` and :meth:`state_dict` flush first."""
+        """Let every batch inside a pipelined engine finish its remaining stages; join async DGL's
+        free-running stage streams into the caller's stream (no host wait), so that what the
+        caller does next sees every stage's work and the stages' next steps wait for it. A no-op
+        for the other engines. :meth:`fit`, :meth:`evaluate` and :meth:`state_dict` flush first."""
         if self._engine is not None:
             self._engine.flush()
             self._engine.sync_to_current()
+        if self._async_streams is not None:
+            st = self._ordering
+            cur = st.current()
+            for ev, ran in zip(self._async_done, self._async_ran):
+                if ran:
+                    st.wait_event(cur, ev)
+            self._async_rejoin = True
+
+    def read_metrics(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
+        """Per-stage (mean loss, correct predictions, samples) accumulated on the device since the
+        last reset, for engines whose :meth:`step` returns no per-step metrics (pipelined engines,
+        async DGL on streams). A host synchronisation: call it every few steps, not every step."""
+        if self._engine is not None:
+            return self._engine.read_metrics(reset=reset)
+        if self._async_metrics is not None:
+            self.flush()
+            return self._async_metrics.read(reset)
+        raise RuntimeError(f"engine {self.engine_name!r} in mode {self.mode!r} returns its metrics from step() "
+                           "(StepOutput.losses and .correct); read_metrics serves the pipelined and free-running engines")
+
+    def _accumulates(self) -> bool:
+        return self._engine is not None or self._async_metrics is not None
 
     # ------------------------------------------------------------------ async DGL
 
@@ -429,23 +495,28 @@ class Trainer:
         dtype = next(self.model.parameters()).dtype
         self.buffers = [ReplayBuffer(self.buffer_capacity, (B, *self._stage_shapes[j][0]), dtype=dtype, device=self.device,
                                      policy=self.policy, max_reuse=self.max_reuse, storage_dtype=self.buffer_dtype,
-                                     seed=self.seed + j) for j in range(K - 1)]
+                                     seed=self.seed + j, streams=self._ordering) for j in range(K - 1)]
 
     def _run_stage(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """One training step of stage j (async mode): on (x, y) for stage 1, else on a sample of
         buffer j-1; pushes its output to buffer j. Returns (loss, correct, samples) or None."""
         self._stage_lr(j)
         graphs = self._async_graphs
+        ordering = self._ordering
         if graphs is not None and graphs.ready(j):
-            result = graphs.step(j, x, y)
+            # for RecordedStreams, the step is marked between its sample and its push
+            loss, corr, n = graphs.step(j, x, y, on_replay=None if ordering is None else lambda: ordering.mark(("step", j)))
             self.stage_steps[j] += 1
-            return result
+            # the graph's static metrics: used right away on this stream (free-running), or kept
+            return (loss, corr, n) if ordering is not None else (loss.clone(), corr.clone(), n)
         if j > 0:
             sample = self.buffers[j - 1].sample()
             if self.max_reuse is not None and not bool(sample.valid):
                 return None  # every slot used up: this stage skips its turn
             x, y = sample
         h, loss, corr = self._train_stage(j, x, y)
+        if ordering is not None:
+            ordering.mark(("step", j))
         if graphs is not None:
             graphs.eager_step_done(j)
         if j < self.model.num_stages - 1:
@@ -470,28 +541,35 @@ class Trainer:
         if self.buffers is None:
             self._make_buffers(x.shape[0])
         runs: list[list] = [[] for _ in range(K)]
-
-        streams = self._async_streams
-        cur = torch.cuda.current_stream(self.device) if streams is not None else None
-        done: list = [None] * K
+        streams, st = self._async_streams, self._ordering
+        if streams is not None:
+            cur = st.current()
+            if self._async_rejoin:  # the caller used the model, metrics or learning rates: stages wait for it
+                ev = st.new_event()
+                st.record(ev, cur)
+                for s in streams:
+                    st.wait_event(s, ev)
+                self._async_rejoin = False
 
         def tick(j, *batch):
             if streams is None:
                 r = self._run_stage(j, *batch)
-            else:  # stage j on its own stream; nothing here waits for the device
-                with torch.cuda.stream(streams[j]):
-                    if j == 0:
-                        streams[0].wait_stream(cur)
-                        for t in batch:
-                            t.record_stream(streams[0])
-                    r = self._run_stage(j, *batch)
-                    done[j] = torch.cuda.Event()
-                    done[j].record(streams[j])
                 if r is not None:
-                    r[0].record_stream(cur)
-                    r[1].record_stream(cur)
-            if r is not None:
-                runs[j].append(r)
+                    runs[j].append(r)
+                return
+            # stage j on its own stream: it waits for its batch (stage 1: the caller's stream, where
+            # the batch was made; others: their input buffer), never for the host
+            with st.use(streams[j]):
+                if j == 0:
+                    st.wait_stream(streams[0], cur)
+                    for t in batch:
+                        st.keep_alive(t, streams[0])
+                r = self._run_stage(j, *batch)
+                if r is not None:
+                    self._async_metrics.add(j, *r)
+                    runs[j].append((None, None, r[2]))
+                st.record(self._async_done[j], streams[j])
+                self._async_ran[j] = True
 
         if self.schedule == "round_robin":
             tick(0, x, y)
@@ -512,13 +590,12 @@ class Trainer:
                     tick(0, x, y)
                     break
                 tick(j)
-        for ev in done:  # the metrics below are computed on the caller's stream
-            if ev is not None:
-                cur.wait_event(ev)
-        losses = [torch.stack([r[0] for r in rs]).mean() if rs else None for rs in runs]
-        correct = [torch.stack([r[1] for r in rs]).sum() if rs else None for rs in runs]
         samples = tuple(sum(r[2] for r in rs) for rs in runs)
         self.global_step += 1
+        if streams is not None:  # metrics stay on the stage streams (read_metrics)
+            return StepOutput(None, None, x.shape[0], samples)
+        losses = [torch.stack([r[0] for r in rs]).mean() if rs else None for rs in runs]
+        correct = [torch.stack([r[1] for r in rs]).sum() if rs else None for rs in runs]
         return self._step_output(losses, correct, x.shape[0], samples)
 
     def set_lr_factor(self, factor: float) -> None:
@@ -570,7 +647,8 @@ class Trainer:
             start = time.perf_counter()
             desc = f"epoch {self.epoch + 1}/{total}" + (f" stage {self.active_stage + 1}" if self.mode == "sequential" else "")
             bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-            self._collect = self._engine is None
+            accumulates = self._accumulates()
+            self._collect = not accumulates
             try:
                 for i, (x, y) in enumerate(bar):
                     if self.mode == "async":
@@ -579,17 +657,17 @@ class Trainer:
                             continue  # async buffers hold fixed-size batches: a final partial batch is skipped
                     out = self.step(x, y)
                     seen += out.batch_size
-                    if self._engine is None:
+                    if not accumulates:
                         weights = self._fit_weights.get(out.samples)
                         if weights is None:  # one host-to-device copy per distinct pattern, not per step
-                            weights = torch.tensor(out.samples, dtype=torch.float32).to(self.device)
+                            weights = torch.tensor(out.samples, dtype=torch.float64).to(self.device)
                             self._fit_weights[out.samples] = weights
                         loss_sum += torch.nan_to_num(out.losses) * weights
                         hits += out.correct
                         per_stage = [a + b for a, b in zip(per_stage, out.samples)]
                     if progress and (i + 1) % log_every == 0:
-                        if self._engine is not None:
-                            means, hs, per_stage = self._engine.read_metrics(reset=False)
+                        if accumulates:
+                            means, hs, per_stage = self.read_metrics(reset=False)
                             ls = [m * n for m, n in zip(means, per_stage)]
                         else:
                             ls, hs = loss_sum.tolist(), hits.tolist()
@@ -600,9 +678,9 @@ class Trainer:
             bar.close()
             if seen == 0:
                 raise ValueError("the training loader yielded no batch")
-            if self._engine is not None:
+            if accumulates:
                 self.flush()
-                means, hs, per_stage = self._engine.read_metrics(reset=True)
+                means, hs, per_stage = self.read_metrics(reset=True)
                 ls = [m * n for m, n in zip(means, per_stage)]
             else:
                 ls, hs = loss_sum.tolist(), hits.tolist()

@@ -68,7 +68,9 @@ def plain_backprop(model, data, opt_factory=sgd):
     return model
 
 
-def assert_same_state(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
+def assert_same_state(a: nn.Module, b: nn.Module, *, rtol: float, atol: float):
+    """Every parameter and buffer of ``a`` equals ``b``'s: bitwise (``rtol=atol=0``) where both
+    ran identical ops, else in float64 to 1e-10 (no float32 tolerance that depends on the CPU)."""
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -383,7 +383,7 @@ def test_fallbacks_to_plain_pytorch():
     assert not AuxHead(8, 4, 10, kind="cnn", fused=True).uses_fused_ops()
     assert not AuxHead(8, 4, 10, kind="mlp", fused=False).uses_fused_ops()
     head = AuxHead(8, 4, 10, kind="mlp", fused=True)
-    head.layers[3].momentum = None  # cumulative moving average: not fused
+    next(m for m in head.layers if isinstance(m, torch.nn.BatchNorm1d)).momentum = None  # cumulative average: not fused
     assert not head.uses_fused_ops()
 
 

