@@ -114,6 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--compile-batches", default="128",
                    help="batches that also get the torch.compile baseline (each shape compiles anew)")
     p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated CxS stage outputs, e.g. 256x8 for [B, 256, 8, 8] (default: every stage of "
+                        "VGG-13 K=4 and the aux-study net); checked, then replaced by 8x4, with --quick")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default 128,512); checked, then replaced by 4, with --quick")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated fp32, bf16 (bf16 autocast); default both on CUDA and with --quick, fp32 on CPU")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     header = env_header(device)
@@ -122,12 +129,29 @@ def main(argv=None) -> int:
         stages, batches, reps = {"tiny": [(8, 4)]}, [4], 3
     else:
         stages, batches, reps = STAGES, [128, 512], 30
+    try:
+        given_shapes = [tuple(int(v) for v in cs.lower().split("x")) for cs in (args.shapes or "").split(",") if cs]
+        given_batches = [int(b) for b in (args.batches or "").split(",") if b]
+    except ValueError:
+        p.error(f"--shapes takes CxS,CxS,... and --batches B,B,...; got {args.shapes!r} and {args.batches!r}")
+    if any(len(cs) != 2 for cs in given_shapes):
+        p.error(f"--shapes takes CxS,CxS,... (e.g. 256x8); got {args.shapes!r}")
+    if args.quick and (given_shapes or given_batches):
+        print("--quick: --shapes / --batches checked, running the tiny shapes instead", flush=True)
+    elif given_shapes or given_batches:
+        stages = {"given": given_shapes} if given_shapes else stages
+        batches = given_batches or batches
+    amps = [False, True] if device.type == "cuda" or args.quick else [False]
+    if args.dtypes:
+        unknown = set(args.dtypes.split(",")) - {"fp32", "bf16"}
+        if unknown:
+            p.error(f"unknown --dtypes {sorted(unknown)}; expected fp32, bf16")
+        amps = [d == "bf16" for d in args.dtypes.split(",")]
     compile_ref = not (args.quick or args.no_compile)
     ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
     compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
     rows = [bench_case(device, kind, C, s, B, amp, compile_ref and B in compile_batches, reps)
-            for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches
-            for amp in ([False, True] if device.type == "cuda" or args.quick else [False])]
+            for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches for amp in amps]
     md = markdown(header, ceiling, rows)
     print(md)
     if not args.no_write:

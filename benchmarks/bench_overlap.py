@@ -105,7 +105,7 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
         tr = trainer(mode="backprop", engine="sequential")
         for _ in range(warmup):
             tr.step(*batch_())
-        gs = GraphSGD(tr.optimizers[0], device)
+        gs = GraphSGD(tr.optimizers[0])
         sx, sy = xs[0].clone(), ys[0].clone()
         if cl:
             sx = sx.contiguous(memory_format=torch.channels_last)
@@ -271,23 +271,38 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(t for *_, t in CONFIGS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated CONFIG:BATCH:PRECISION runs (e.g. vgg13-k4:128:fp32) instead of every "
+                        "combination of --configs, --batches and --precisions; checked, then replaced by the tiny "
+                        "run, with --quick")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     header = env_header(device)
+    by_tag = {c[2]: c for c in CONFIGS}
+    runs = None
+    if args.cases:
+        runs = []
+        for case in (c for c in args.cases.split(",") if c):
+            parts = case.split(":")
+            if len(parts) != 3 or parts[0] not in by_tag or parts[2] not in ("fp32", "bf16") or not parts[1].isdigit():
+                p.error(f"bad --cases entry {case!r}: expected CONFIG:BATCH:PRECISION with CONFIG one of "
+                        f"{', '.join(by_tag)} and PRECISION fp32 or bf16")
+            runs.append((*by_tag[parts[0]], int(parts[1]), parts[2]))
     if args.quick:
-        configs = [("aux-study", dict(), "aux-study-k3")]
-        batches, precisions, steps, warmup = [8], ["fp32"], 3, 1
+        if runs:
+            print(f"--quick: --cases checked ({len(runs)} runs), running the tiny configuration instead", flush=True)
+        runs = [("aux-study", dict(), "aux-study-k3", 8, "fp32")]
+        steps, warmup = 3, 1
     else:
-        wanted = set(args.configs.split(","))
-        configs = [c for c in CONFIGS if c[2] in wanted]
-        batches = [int(b) for b in args.batches.split(",")]
-        precisions, steps, warmup = args.precisions.split(","), args.steps, 3
+        if runs is None:
+            wanted = set(args.configs.split(","))
+            runs = [(*c, int(b), prec) for c in CONFIGS if c[2] in wanted for b in args.batches.split(",")
+                    for prec in args.precisions.split(",")]
+        steps, warmup = args.steps, 3
     rows = []
-    for name, kw, tag in configs:
-        for batch in batches:
-            for precision in precisions:
-                rows.append(bench_config(name, kw, tag, batch, precision, device, steps, warmup, args.quick))
-                print({k: v for k, v in rows[-1].items() if k != "timeline"}, flush=True)
+    for name, kw, tag, batch, precision in runs:
+        rows.append(bench_config(name, kw, tag, batch, precision, device, steps, warmup, args.quick))
+        print({k: v for k, v in rows[-1].items() if k != "timeline"}, flush=True)
     md = markdown(header, rows)
     print(md)
     if not args.no_write:

@@ -9,7 +9,6 @@ import torch
 import dgl_fast
 from helpers import assert_same_state, batches, plain_backprop, plain_dgl, sgd, small_model
 
-
 # The trainer and the plain loops run different ops for the same head (the loops call
 # head.to_reference()), so float32 results differ with the CPU's math library: the equivalence
 # is checked in float64, to 1e-10.
