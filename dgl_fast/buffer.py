@@ -93,10 +93,10 @@ class ReplayBuffer:
     def __init__(self, capacity: int, batch_shape, dtype: torch.dtype = torch.float32, device="cpu",
                  policy: str = "priority_lifo", max_reuse: int | None = None, storage_dtype: torch.dtype | None = None,
                  seed: int = 0, streams=None):
-        if not isinstance(capacity, int) or capacity < 1:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be an int >= 1, got {capacity!r}")
         batch_shape = tuple(batch_shape)
-        if len(batch_shape) < 1 or not all(isinstance(s, int) and s >= 1 for s in batch_shape):
+        if len(batch_shape) < 1 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in batch_shape):
             raise ValueError(f"batch_shape must be positive ints, batch first, got {batch_shape!r}")
         storage_dtype = storage_dtype or dtype
         for name, dt in (("dtype", dtype), ("storage_dtype", storage_dtype)):
@@ -104,7 +104,7 @@ class ReplayBuffer:
                 raise ValueError(f"ReplayBuffer {name} must be a floating-point torch.dtype, got {dt!r}")
         if policy not in ops.REPLAY_POLICIES:
             raise ValueError(f"unknown replay policy {policy!r}; expected one of {', '.join(ops.REPLAY_POLICIES)}")
-        if max_reuse is not None and (not isinstance(max_reuse, int) or max_reuse < 1):
+        if max_reuse is not None and (not isinstance(max_reuse, int) or isinstance(max_reuse, bool) or max_reuse < 1):
             raise ValueError(f"max_reuse must be None or an int >= 1, got {max_reuse!r}")
         from .trainer import resolve_device  # noqa: PLC0415  (shared device check)
 
@@ -168,6 +168,30 @@ class ReplayBuffer:
         st.record(self._event, stream)
         self._event_stream = stream
 
+    # checkpoints ---------------------------------------------------------------------------
+    def config(self) -> dict:
+        """What a checkpoint's ring must match to be loaded into this one."""
+        return {"capacity": self.capacity, "batch_shape": list(self.batch_shape), "dtype": str(self.dtype),
+                "storage_dtype": str(self.storage_dtype), "policy": self.policy, "max_reuse": self.max_reuse}
+
+    def state_dict(self) -> dict:
+        """The ring's contents and state (device tensors, copied to the CPU), for exact resume."""
+        self._enter()  # after the ring's last operation, on the current stream
+        out = {"config": self.config(), "pushes": self.pushes,
+               **{k: getattr(self, k).cpu() for k in ("storage", "label_store", "state", "uses", "stamps")}}
+        self._leave("read")
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; the configuration must match (checked first)."""
+        if state.get("config") != self.config():
+            raise ValueError(f"replay buffer checkpoint holds {state.get('config')}, this buffer is {self.config()}")
+        self._enter()
+        for k in ("storage", "label_store", "state", "uses", "stamps"):
+            getattr(self, k).copy_(state[k])
+        self._leave("load")
+        self.pushes = int(state["pushes"])
+
     # ops -----------------------------------------------------------------------------------
     def push(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Store mini-batch ``h`` (shape ``batch_shape``, any floating dtype: it is converted to the
@@ -187,6 +211,9 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer.push: expected int64 labels, got {y.dtype}")
         if y.device != self.device:
             raise ValueError(f"ReplayBuffer.push: expected labels on {self.device}, got {y.device}")
+        if y.device.type == "cpu" and y.numel() and int(y.min()) < 0:
+            # free on the host; on a GPU the loss kernel flags a negative label (NaN loss) instead
+            raise ValueError(f"ReplayBuffer.push: expected class labels >= 0, got {int(y.min())}")
         self._enter()
         ops.replay_push(self.storage, self.label_store, self.state, self.uses, self.stamps, h.detach(), y)
         self._leave("push")

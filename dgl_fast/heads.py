@@ -23,12 +23,10 @@ HEAD_KINDS = ("mlp-sr", "mlp", "cnn", "last", "linear")
 
 
 def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"in_size must be an int or (height, width), got {size!r}")
-    return size
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list, torch.Size)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
+        raise ValueError(f"in_size must be an int or (height, width) of ints, got {size!r}")
+    return pair
 
 
 def _mlp(in_features: int, hidden: int, depth: int, num_classes: int) -> list[nn.Module]:

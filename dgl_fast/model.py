@@ -13,6 +13,8 @@ __all__ = ["DecoupledModel"]
 
 
 def _probe_input(input_shape: Sequence[int], module: nn.Module) -> torch.Tensor:
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape):
+        raise ValueError(f"input_shape must be positive ints per sample, e.g. (3, 32, 32), got {tuple(input_shape)!r}")
     try:
         ref = next(module.parameters())
         device, dtype = ref.device, ref.dtype
@@ -127,7 +129,9 @@ class DecoupledModel(nn.Module):
         """
         if not isinstance(seq, nn.Sequential):
             raise TypeError(f"from_sequential expects an nn.Sequential, got {type(seq).__name__}")
-        split = [int(s) for s in split]
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in split):
+            raise ValueError(f"split must be a list of int indices, got {list(split)!r}")
+        split = list(split)
         n = len(seq)
         bounds = [0] + split + [n]
         for a, b in zip(bounds, bounds[1:]):
@@ -142,7 +146,12 @@ class DecoupledModel(nn.Module):
             with torch.no_grad():
                 x = _probe_input(input_shape, probe)
                 for j, stage in enumerate(stages):
-                    x = stage(x)
+                    try:
+                        x = stage(x)
+                    except (RuntimeError, ValueError) as exc:
+                        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        raise ValueError(f"stage {j} fails on input of shape {list(x.shape)} (input_shape="
+                                         f"{tuple(input_shape)}): {first}") from exc
                     if x.dim() != 4:
                         raise ValueError(f"stage {j} outputs shape {list(x.shape)}; an AuxHead needs [B, C, H, W]")
                     kind = last_head if j == len(stages) - 1 else aux

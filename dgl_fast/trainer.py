@@ -9,31 +9,68 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import checkpoint, ops
 from .buffer import ReplayBuffer
 from .engine import AsyncGraphs, PipelinedEngine, StageMetrics
 from .heads import AuxHead
 from .model import DecoupledModel
 from .streams import CudaStreams
 
-__all__ = ["Trainer", "StepOutput", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
+__all__ = ["Trainer", "StepOutput", "TrainingDiverged", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
 MODES = ("dgl", "sequential", "backprop", "async")
 SCHEDULES = ("random", "round_robin")
 ENGINES = ("auto", "sequential", "pipeline", "streams")
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """A stage's training loss became NaN or infinite; :meth:`Trainer.fit` stopped there.
+
+    Attributes: ``stage`` (1-based), ``steps`` (first, last): the steps between the last finite
+    reading and the one that found it, ``last_checkpoint``: ``(path, step)`` of the last
+    :meth:`Trainer.save`, written before the divergence (or None)."""
+
+    def __init__(self, message: str, stage: int | None = None, steps: tuple[int, int] | None = None,
+                 last_checkpoint: tuple[str, int] | None = None):
+        super().__init__(message)
+        self.stage, self.steps, self.last_checkpoint = stage, steps, last_checkpoint
+
+
+def _check_factor(factor, what: str) -> float:
+    try:
+        value = float(factor)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: expected a number, got {factor!r}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what}: expected a finite learning-rate factor >= 0, got {factor!r}")
+    return value
+
+
+def _check_hyperparameters(opt: torch.optim.Optimizer) -> None:
+    """Learning rate finite and positive; every other numeric setting finite, and weight decay,
+    momentum and dampening >= 0 (NaN or a negative rate would train silently wrong)."""
+    for i, group in enumerate(opt.param_groups):
+        lr = group.get("lr")
+        lr_value = float(lr) if isinstance(lr, (int, float, torch.Tensor)) else math.nan
+        if not (math.isfinite(lr_value) and lr_value > 0):
+            raise ValueError(f"{type(opt).__name__} parameter group {i}: expected a finite learning rate > 0, got {lr!r}")
+        for key, v in group.items():
+            values = v if isinstance(v, tuple) else (v,)
+            for x in values:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f"{type(opt).__name__} parameter group {i}: expected a finite {key}, got {v!r}")
+            if key in ("weight_decay", "momentum", "dampening") and isinstance(v, (int, float)) and v < 0:
+                raise ValueError(f"{type(opt).__name__} parameter group {i}: expected {key} >= 0, got {v!r}")
 
 
 @dataclass
@@ -238,6 +275,7 @@ class Trainer:
         for opt in self.optimizers:
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+            _check_hyperparameters(opt)
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         self.epoch = 0  # epochs completed (over all stages in sequential mode)
@@ -255,6 +293,9 @@ class Trainer:
         self._stage_schedule: Callable[[int], float] | None = None
         self._stage_epoch = [-1] * K
         self._batches_per_epoch: int | None = None
+        self._fit_epochs: int | None = None  # sequential mode: the epochs per stage its plan was made with
+        #: (path, global step) of the last checkpoint :meth:`save` wrote
+        self.last_checkpoint: tuple[str, int] | None = None
         self._has_bn = _has_batchnorm(model)
         self._idle_metrics = None  # (NaN, 0) device constants for stages idle in a step
         self._fit_weights: dict = {}  # per-stage sample counts as device tensors, by value
@@ -304,9 +345,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ inputs
 
-    def _check_batch(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_batch(self, x, y, training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate a batch (shape, dtype, device kind, labels) and move it to the device; nothing
+        is updated before this passes. ``training=False`` (evaluation) allows batches of one and
+        any batch size in async mode."""
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"expected tensors x and y, got {type(x).__name__} and {type(y).__name__}")
+        for name, t in (("input", x), ("labels", y)):
+            if t.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"expected {name} on the CPU or a CUDA device (this trainer runs on {self.device}), "
+                                 f"got a tensor on {t.device}")
         dtype = next(self.model.parameters()).dtype
         if x.dtype != dtype:
             raise ValueError(f"expected input of dtype {dtype}, got {x.dtype}")
@@ -318,9 +366,9 @@ class Trainer:
             self._input_shape, self._num_classes = tuple(x.shape[1:]), self._stage_shapes[-1][1]
         if tuple(x.shape[1:]) != self._input_shape:
             raise ValueError(f"expected input of shape [B, {', '.join(map(str, self._input_shape))}], got {list(x.shape)}")
-        if B < 2 and self._has_bn:
+        if training and B < 2 and self._has_bn:
             raise ValueError("batch size 1 cannot train BatchNorm layers; expected at least 2 samples per batch")
-        if self.buffers and B != self.buffers[0].batch_shape[0]:
+        if training and self.buffers and B != self.buffers[0].batch_shape[0]:
             raise ValueError(f"async mode keeps a fixed batch size: expected batches of {self.buffers[0].batch_shape[0]}, "
                              f"got {B}")
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -491,11 +539,13 @@ class Trainer:
     # ------------------------------------------------------------------ async DGL
 
     def _make_buffers(self, B: int) -> None:
-        K = self.model.num_stages
+        self.buffers = self._new_buffers(B, [self._stage_shapes[j][0] for j in range(self.model.num_stages - 1)])
+
+    def _new_buffers(self, B: int, shapes: list[tuple]) -> list[ReplayBuffer]:
         dtype = next(self.model.parameters()).dtype
-        self.buffers = [ReplayBuffer(self.buffer_capacity, (B, *self._stage_shapes[j][0]), dtype=dtype, device=self.device,
-                                     policy=self.policy, max_reuse=self.max_reuse, storage_dtype=self.buffer_dtype,
-                                     seed=self.seed + j, streams=self._ordering) for j in range(K - 1)]
+        return [ReplayBuffer(self.buffer_capacity, (B, *shape), dtype=dtype, device=self.device, policy=self.policy,
+                             max_reuse=self.max_reuse, storage_dtype=self.buffer_dtype, seed=self.seed + j,
+                             streams=self._ordering) for j, shape in enumerate(shapes)]
 
     def _run_stage(self, j: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """One training step of stage j (async mode): on (x, y) for stage 1, else on a sample of
@@ -531,8 +581,9 @@ class Trainer:
         epoch = self.stage_steps[j] // self._batches_per_epoch
         if epoch != self._stage_epoch[j]:
             self._stage_epoch[j] = epoch
+            factor = _check_factor(self._stage_schedule(epoch), f"lr_schedule({epoch}) for stage {j + 1}")
             for group in self.optimizers[j].param_groups:
-                group["lr"] = group["initial_lr"] * float(self._stage_schedule(epoch))
+                group["lr"] = group["initial_lr"] * factor
             if self._async_graphs is not None:  # on stage j's stream, before its next replay
                 self._async_graphs.on_lr_change(j)
 
@@ -599,7 +650,8 @@ class Trainer:
         return self._step_output(losses, correct, x.shape[0], samples)
 
     def set_lr_factor(self, factor: float) -> None:
-        """Set every optimizer's learning rate to its initial value times ``factor``."""
+        """Set every optimizer's learning rate to its initial value times ``factor`` (finite, >= 0)."""
+        factor = _check_factor(factor, "set_lr_factor")
         self.flush()  # batches in flight finish with the learning rate they started with
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -617,9 +669,24 @@ class Trainer:
         After each epoch a record (epoch, stage, lr, train loss and accuracy per stage, test
         accuracy per stage when ``eval_loader`` is given, time, images/s) is appended to
         ``self.history`` and passed to ``callback``. Returns the records of this call.
+
+        Every ``log_every`` steps and at the end of each epoch the per-stage losses are read from
+        the device (one host sync); the first NaN or infinite loss stops training with
+        :class:`TrainingDiverged`, which names the stage, the steps and the last checkpoint saved
+        before (the callback never sees, and so never saves, a diverged epoch). A sequential
+        (greedy) run keeps the epochs per stage it was planned with: resuming it with another
+        ``epochs`` is refused rather than silently re-planned.
         """
-        if not isinstance(epochs, int) or epochs < 1:
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+        if self.mode == "sequential":
+            if self._fit_epochs is not None and self.epoch > 0 and epochs != self._fit_epochs:
+                raise ValueError(f"this sequential run was planned with epochs={self._fit_epochs} per stage and is at "
+                                 f"epoch {self.epoch} of {self._fit_epochs * self.model.num_stages}; fit(epochs={epochs}) "
+                                 f"would re-plan its stages: resume with epochs={self._fit_epochs}")
+            self._fit_epochs = epochs
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         schedule = lr_schedule or self.lr_schedule or (lambda e: 1.0)
@@ -631,7 +698,7 @@ class Trainer:
                 self.active_stage, local_epoch = divmod(self.epoch, epochs)
             else:
                 local_epoch = self.epoch
-            factor = float(schedule(local_epoch))
+            factor = _check_factor(schedule(local_epoch), f"lr_schedule({local_epoch})")
             if self.mode == "async":
                 self._stage_schedule = schedule
                 if self._batches_per_epoch is None and hasattr(train_loader, "__len__"):
@@ -645,10 +712,12 @@ class Trainer:
             seen, per_stage = 0, [0] * K
             batch_size = None
             start = time.perf_counter()
+            checked = self.global_step  # the last step whose losses were read finite
             desc = f"epoch {self.epoch + 1}/{total}" + (f" stage {self.active_stage + 1}" if self.mode == "sequential" else "")
             bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
             accumulates = self._accumulates()
             self._collect = not accumulates
+
             try:
                 for i, (x, y) in enumerate(bar):
                     if self.mode == "async":
@@ -662,17 +731,17 @@ class Trainer:
                         if weights is None:  # one host-to-device copy per distinct pattern, not per step
                             weights = torch.tensor(out.samples, dtype=torch.float64).to(self.device)
                             self._fit_weights[out.samples] = weights
-                        loss_sum += torch.nan_to_num(out.losses) * weights
+                        # idle stages report NaN with weight 0; a trained stage's NaN stays NaN
+                        loss_sum += torch.where(weights > 0, out.losses.double() * weights, 0.0)
                         hits += out.correct
                         per_stage = [a + b for a, b in zip(per_stage, out.samples)]
-                    if progress and (i + 1) % log_every == 0:
-                        if accumulates:
-                            means, hs, per_stage = self.read_metrics(reset=False)
-                            ls = [m * n for m, n in zip(means, per_stage)]
-                        else:
-                            ls, hs = loss_sum.tolist(), hits.tolist()
-                        bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / per_stage[j]:.3f}/{100 * hs[j] / per_stage[j]:.1f}%"
-                                                     for j in range(K) if per_stage[j]))
+                    if (i + 1) % log_every == 0:
+                        ls, hs, n = self._fit_sums(accumulates, loss_sum, hits, per_stage, reset=False)
+                        self._check_finite(ls, n, checked)
+                        checked = self.global_step
+                        if progress:
+                            bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / n[j]:.3f}/{100 * hs[j] / n[j]:.1f}%"
+                                                         for j in range(K) if n[j]))
             finally:
                 self._collect = True
             bar.close()
@@ -680,10 +749,8 @@ class Trainer:
                 raise ValueError("the training loader yielded no batch")
             if accumulates:
                 self.flush()
-                means, hs, per_stage = self.read_metrics(reset=True)
-                ls = [m * n for m, n in zip(means, per_stage)]
-            else:
-                ls, hs = loss_sum.tolist(), hits.tolist()
+            ls, hs, per_stage = self._fit_sums(accumulates, loss_sum, hits, per_stage, reset=True)
+            self._check_finite(ls, per_stage, checked)
             elapsed = time.perf_counter() - start
             losses = [ls[j] / per_stage[j] if per_stage[j] else None for j in range(K)]
             record = {
@@ -704,6 +771,25 @@ class Trainer:
             if callback is not None:
                 callback(record)
         return records
+
+    def _fit_sums(self, accumulates: bool, loss_sum, hits, per_stage, reset: bool):
+        """Per-stage (loss sum, correct, samples) of the epoch so far (a host sync)."""
+        if accumulates:
+            means, hs, n = self.read_metrics(reset=reset)
+            return [m * k for m, k in zip(means, n)], hs, n
+        return loss_sum.tolist(), hits.tolist(), per_stage
+
+    def _check_finite(self, loss_sums: list[float], samples: list[int], since: int) -> None:
+        for j, (total, n) in enumerate(zip(loss_sums, samples)):
+            if n and not math.isfinite(total):
+                last = self.last_checkpoint
+                where = (f"; the last checkpoint, {last[0]} (step {last[1]}), was written before it and is left "
+                         "untouched" if last is not None and last[1] <= since else "; no checkpoint was saved before it")
+                raise TrainingDiverged(
+                    f"training diverged: stage {j + 1}'s loss became {total} (NaN or infinite) between steps {since + 1} "
+                    f"and {self.global_step} (epoch {self.epoch + 1}); every parameter trained since may be non-finite"
+                    f"{where}. Lower the learning rate or check the inputs for NaN/inf.",
+                    stage=j + 1, steps=(since + 1, self.global_step), last_checkpoint=last)
 
     def memory_report(self, x: torch.Tensor, y: torch.Tensor):
         """Bytes a training step on batch ``(x, y)`` keeps per stage (parameters, gradients,
@@ -733,13 +819,16 @@ class Trainer:
         self.model.eval()
         K = self.model.num_stages
         hits = torch.zeros(K + 1, dtype=torch.long, device=self.device)  # K heads, then the ensemble
+        bad_labels = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         try:
-            for x, y in loader:
-                x = x.to(self.device, non_blocking=True)
-                if self.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = y.to(self.device, dtype=torch.long, non_blocking=True)
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise ValueError(f"expected the evaluation loader to yield (input, labels) pairs, got "
+                                     f"{type(batch).__name__}{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}")
+                x, y = self._check_batch(*batch, training=False)  # the checks step() makes (labels on the CPU)
+                if batch[1].device.type != "cpu":  # labels already on the GPU: checked once, at the end
+                    bad_labels += ((y < 0) | (y >= self._num_classes)).sum()
                 with self._autocast():
                     all_logits = self.model.forward_all(x)
                 ensemble = 0
@@ -753,45 +842,72 @@ class Trainer:
                 m.training = t
         if seen == 0:
             raise ValueError("the evaluation loader yielded no batch")
+        if int(bad_labels):
+            raise ValueError(f"expected labels in [0, {self._num_classes}), got {int(bad_labels)} outside that range")
         acc = (hits.double() / seen).tolist()
         return acc[:K], acc[K]
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """Model, optimizers, schedule position (epoch, step, active stage), history and RNG states."""
+        """Model, optimizers, schedule position (epoch, step, active stage, sequential plan),
+        history, RNG states and, in async mode, the replay buffers (contents and state)."""
         self.flush()
-        np_state = np.random.get_state()
-        rng = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        }
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        state = {
             "version": _STATE_VERSION,
             "mode": self.mode,
+            "num_stages": self.model.num_stages,
+            "optimizer_types": [type(opt).__name__ for opt in self.optimizers],
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "epoch": self.epoch,
             "global_step": self.global_step,
             "active_stage": self.active_stage,
+            "fit_epochs": self._fit_epochs,
             "history": self.history,
-            "rng": rng,
+            "rng": checkpoint.rng_state(self.device),
             "stage_steps": list(self.stage_steps),
             "schedule_rng": self._schedule_rng.get_state(),
         }
+        if self.buffers is not None:
+            state["async"] = {"buffers": [b.state_dict() for b in self.buffers], "warm": self._warm,
+                              "stage_epoch": list(self._stage_epoch), "batches_per_epoch": self._batches_per_epoch}
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved; the mode and stage count must match."""
+    def _check_state(self, state) -> None:
+        """Refuse a state that does not fit this trainer, before anything is copied."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a dgl_fast trainer state (expected version {_STATE_VERSION})")
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a dgl_fast trainer state of version {_STATE_VERSION} (got version {got!r})")
         if state["mode"] != self.mode:
             raise ValueError(f"state was saved in mode {state['mode']!r}, this trainer runs mode {self.mode!r}")
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError(f"state has {len(state['optimizers'])} optimizers, this trainer has {len(self.optimizers)}")
+        if state["num_stages"] != self.model.num_stages:
+            raise ValueError(f"state was saved with K={state['num_stages']} stages, this model has {self.model.num_stages}")
+        types = [type(o).__name__ for o in self.optimizers]
+        if state["optimizer_types"] != types:
+            raise ValueError(f"state was saved with optimizers {state['optimizer_types']}, this trainer uses {types}")
+        checkpoint.check_tensors("model", state["model"], self.model.state_dict())
+        for j, (opt, saved) in enumerate(zip(self.optimizers, state["optimizers"])):
+            checkpoint.check_optimizer(f"optimizer {j + 1}", saved, opt)
+        if "async" in state:
+            for j, b in enumerate(state["async"]["buffers"]):
+                if b.get("config", {}).get("capacity") != self.buffer_capacity or b["config"]["policy"] != self.policy \
+                        or b["config"]["max_reuse"] != self.max_reuse:
+                    raise ValueError(f"state's replay buffer {j + 1} is {b.get('config')}; this trainer uses capacity "
+                                     f"{self.buffer_capacity}, policy {self.policy!r}, max_reuse {self.max_reuse}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved: all or nothing. The state is checked against this
+        trainer first (mode, K, every model tensor's name, shape and dtype, optimizer types and
+        state, replay buffers) and a mismatch raises a ValueError naming it, with nothing changed."""
+        self._check_state(state)
         self.flush()
+        buffers = None
+        if "async" in state:  # built and filled aside, so a refusal leaves the current ones
+            B = state["async"]["buffers"][0]["config"]["batch_shape"][0] if state["async"]["buffers"] else None
+            buffers = self._new_buffers(B, [tuple(b["config"]["batch_shape"][1:]) for b in state["async"]["buffers"]])
+            for buf, saved in zip(buffers, state["async"]["buffers"]):
+                buf.load_state_dict(saved)
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
@@ -801,34 +917,30 @@ class Trainer:
             self._async_graphs.reset()
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
-        self.stage_steps = list(state.get("stage_steps", self.stage_steps))
-        if "schedule_rng" in state:
-            self._schedule_rng.set_state(state["schedule_rng"])
-        # async buffers are not checkpointed: they are refilled (warm-up) after a resume
-        self.buffers, self._warm, self._stage_epoch = None, 0, [-1] * self.model.num_stages
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        self._fit_epochs = state["fit_epochs"]
+        self.stage_steps = list(state["stage_steps"])
+        self._schedule_rng.set_state(state["schedule_rng"])
+        self.buffers, self._warm, self._stage_epoch = buffers, 0, [-1] * self.model.num_stages
+        if "async" in state:
+            a = state["async"]
+            self._warm, self._stage_epoch, self._batches_per_epoch = a["warm"], list(a["stage_epoch"]), a["batches_per_epoch"]
+        checkpoint.set_rng_state(state["rng"], self.device)
+        self._train_modes_for = None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (a temporary file, then a rename)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dgl_fast-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        """Write :meth:`state_dict` to ``path`` with a checksum, atomically and durably
+        (:mod:`dgl_fast.checkpoint`). A model with NaN or infinite parameters or statistics is
+        refused, so a diverged run never overwrites a good checkpoint."""
+        state = self.state_dict()
+        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingDiverged(f"refusing to save to {os.fspath(path)}: {len(bad)} model tensors hold NaN or "
+                                   f"infinite values (first: {bad[0]!r}); the file there is left untouched",
+                                   last_checkpoint=self.last_checkpoint)
+        checkpoint.save(state, path)
+        self.last_checkpoint = (os.fspath(path), self.global_step)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint written by :meth:`save` (``weights_only`` loading: no code runs)."""
-        self.load_state_dict(torch.load(os.fspath(path), map_location="cpu", weights_only=True))
+        """Load a checkpoint written by :meth:`save`: its checksum is verified, it is read with
+        ``weights_only`` (no code runs) and checked against this trainer before anything changes."""
+        self.load_state_dict(checkpoint.load(path))
