@@ -467,9 +467,9 @@ class AsyncGraphs:
     cuda_graphs=True)``).
 
     Stage j's step is: sample buffer j - 1 into static tensors (stage 1: copy the fresh batch in),
-    replay the graph (stage forward, head, loss, backward, a :class:`GraphSGD` step with the
-    learning rate in a device tensor, metrics, the output into a static tensor), then push that
-    output to buffer j. Sample and push stay outside the graph, two kernels each, so the buffers'
+    replay the graph (stage forward, head, loss, backward, a :class:`GraphSGD` step, metrics, the
+    output into a static tensor), then push that output to buffer j. Sample and push stay outside
+    the graph, so the buffers'
     event protocol orders only them against the neighbouring stages' streams, exactly as in the
     eager trainer: a stage's training never waits for its neighbours' training. The static
     tensors are reused in stream order on the stage's own stream. Each stage runs its first

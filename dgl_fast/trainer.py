@@ -165,8 +165,9 @@ class Trainer:
             sequential engine's parameters; the last batches leave the pipeline at the end of
             each epoch (or on :meth:`flush`).
         cuda_graphs: replay one CUDA graph per stage step in the streams engine (default: on CUDA
-            with ``torch.optim.SGD`` optimizers and without fp16). The learning rate lives in a
-            device tensor, so schedules need no re-capture; a partial last batch runs eagerly. In
+            with ``torch.optim.SGD`` optimizers and without fp16). The graphs run torch's own SGD
+            ops (bitwise equal to eager steps) with the learning rate captured as a number, so a
+            learning-rate change captures them again; a partial last batch runs eagerly. In
             ``async`` mode each stage step replays its graph between an eager sample of its input
             buffer and a push to its output buffer (:class:`~dgl_fast.engine.AsyncGraphs`; not with
             ``max_reuse``; async batches keep one size, and :meth:`fit` skips a partial last one).
