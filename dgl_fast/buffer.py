@@ -38,6 +38,7 @@ import torch
 
 from . import ops
 from .streams import CudaStreams
+from .utils import resolve_device
 
 __all__ = ["ReplayBuffer", "Sample"]
 
@@ -106,8 +107,6 @@ class ReplayBuffer:
             raise ValueError(f"unknown replay policy {policy!r}; expected one of {', '.join(ops.REPLAY_POLICIES)}")
         if max_reuse is not None and (not isinstance(max_reuse, int) or isinstance(max_reuse, bool) or max_reuse < 1):
             raise ValueError(f"max_reuse must be None or an int >= 1, got {max_reuse!r}")
-        from .trainer import resolve_device  # noqa: PLC0415  (shared device check)
-
         self.device = resolve_device(device)
         self.capacity, self.batch_shape, self.dtype = capacity, batch_shape, dtype
         self.storage_dtype, self.policy, self.max_reuse, self.seed = storage_dtype, policy, max_reuse, int(seed)

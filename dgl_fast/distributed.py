@@ -124,7 +124,7 @@ class DistributedDGL:
         B = int(header.item())
         if B == 0:
             return None
-        h = torch.empty((B, *self.trainer._input_shape), dtype=self._dtype, device=self.device)
+        h = torch.empty((B, *self.trainer.input_shape), dtype=self._dtype, device=self.device)
         y = torch.empty(B, dtype=torch.long, device=self.device)
         dist.recv(h, src, group=self.group)
         dist.recv(y, src, group=self.group)
@@ -139,7 +139,7 @@ class DistributedDGL:
 
     def _train_local(self, h, y, sums, hits, seen):
         for i in range(len(self.stages)):
-            h, loss, correct = self.trainer._train_stage(i, h, y)
+            h, loss, correct = self.trainer.steps[i].step(h, y)
             sums[i] += loss.double() * y.shape[0]
             hits[i] += correct
             seen[i] += y.shape[0]
@@ -153,7 +153,7 @@ class DistributedDGL:
         if self.is_first and loader is None:
             raise ValueError("the first rank must pass the training loader")
         tr = self.trainer
-        tr._set_train_modes()
+        tr.set_train_modes()
         n = len(self.stages)
         sums = torch.zeros(n, dtype=torch.float64, device=self.device)
         hits = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -164,7 +164,7 @@ class DistributedDGL:
         while True:
             if self.is_first:
                 nxt = next(batches, None)
-                item = None if nxt is None else tr._check_batch(*nxt)
+                item = None if nxt is None else tr.prepare_batch(*nxt)
             else:
                 item = self._recv()
             if item is None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .utils import kept_modes
+
 __all__ = ["AsyncGraphs", "PipelinedEngine", "GraphSGD", "StageMetrics", "TickResult"]
 
 
@@ -245,7 +247,7 @@ class PipelinedEngine:
                     h_in.record_stream(stream)
                     y.record_stream(stream)
                 start = self._trace_start(j)
-                h_out, loss, correct = self.tr._train_stage(j, h_in, y)
+                h_out, loss, correct = self.tr.steps[j].step(h_in, y)
                 self.metrics.add(j, loss, correct, y.shape[0])
                 self._record_done(j)
                 self._trace_end(j, b, start)
@@ -269,16 +271,13 @@ class PipelinedEngine:
         self._graph_opts = [GraphSGD(opt) for opt in tr.optimizers]
         state = [_StageGraphs() for _ in range(self.K)]
         probes = []  # each stage's output (shape, dtype, memory format), without touching BN statistics
-        with torch.no_grad():
-            was = [m.training for m in tr.model.modules()]
+        with torch.no_grad(), kept_modes(tr.model):
             tr.model.eval()
             h = x
-            with tr._autocast():
-                for j in range(self.K - 1):
-                    h = tr.model.stages[j](h)
-                    probes.append(h)
-            for m, t in zip(tr.model.modules(), was):
-                m.training = t
+            for j in range(self.K - 1):
+                with tr.steps[j].autocast():
+                    h = tr.steps[j].stage(h)
+                probes.append(h)
         for p in range(2):
             state[0].inputs[p] = torch.empty_like(x)
         for j in range(self.K):
@@ -310,15 +309,7 @@ class PipelinedEngine:
         self.captures += 1
 
     def _graph_body(self, j: int, h_in, y, out) -> None:
-        tr = self.tr
-        with tr._autocast():
-            h = tr.model.stages[j](h_in)
-            loss, correct = tr._head_loss(j, h, y)
-        loss.backward()
-        self._graph_opts[j].step()
-        self._graph_opts[j].zero_grad()
-        if out is not None:
-            out.copy_(h.detach())
+        loss, correct = self.tr.steps[j].graph_body(h_in, y, self._graph_opts[j], out)
         self.metrics.add(j, loss, correct, y.shape[0], count=False)  # replays count on the host
 
     def _graph_tick(self, fresh) -> TickResult:
@@ -514,16 +505,8 @@ class AsyncGraphs:
                 self.stages[k], self.opts[k] = None, None
 
     def _body(self, j: int, st: _AsyncStage) -> None:
-        tr = self.tr
-        with tr._autocast():
-            h = tr.model.stages[j](st.x)
-            loss, correct = tr._head_loss(j, h, st.y)
-        loss.backward()
-        self.opts[j].step()
-        self.opts[j].zero_grad()
-        if st.h is not None:
-            st.h.copy_(h.detach())
-        st.loss.copy_(loss.detach())
+        loss, correct = self.tr.steps[j].graph_body(st.x, st.y, self.opts[j], st.h)
+        st.loss.copy_(loss)
         st.correct.copy_(correct)
 
     def _capture(self, j: int, x: torch.Tensor | None, y: torch.Tensor | None) -> None:

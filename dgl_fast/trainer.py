@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
-from . import checkpoint, ops
+from . import checkpoint
 from .buffer import ReplayBuffer
 from .engine import AsyncGraphs, PipelinedEngine, StageMetrics
-from .heads import AuxHead
 from .model import DecoupledModel
+from .stage import BackpropStep, StageStep
 from .streams import CudaStreams
+from .utils import has_batchnorm, kept_modes, resolve_device, to_device
 
 __all__ = ["Trainer", "StepOutput", "TrainingDiverged", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
@@ -99,24 +99,6 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def resolve_device(device) -> torch.device:
-    """``torch.device`` for ``device``, or a ValueError saying why it cannot be used here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"unsupported device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    index = 0 if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
-
-
 def _check_stream_connections(K: int) -> None:
     # One stream per stage: beyond CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 by default),
     # streams share queues and independent stages can wait on each other.
@@ -125,10 +107,6 @@ def _check_stream_connections(K: int) -> None:
         warnings.warn(f"{K} stage streams but CUDA_DEVICE_MAX_CONNECTIONS={connections}: stages share hardware queues "
                       "and may serialise; set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA initialises (python -m "
                       "dgl_fast does)", stacklevel=3)
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class Trainer:
@@ -297,12 +275,18 @@ class Trainer:
         self._fit_epochs: int | None = None  # sequential mode: the epochs per stage its plan was made with
         #: (path, global step) of the last checkpoint :meth:`save` wrote
         self.last_checkpoint: tuple[str, int] | None = None
-        self._has_bn = _has_batchnorm(model)
+        self._has_bn = has_batchnorm(model)
         self._idle_metrics = None  # (NaN, 0) device constants for stages idle in a step
         self._fit_weights: dict = {}  # per-stage sample counts as device tensors, by value
         self._collect = True  # step() materialises per-stage metrics (fit turns it off for engines)
-        self._train_modes_for: int | None = None  # the stage set up by _set_train_modes (None: redo)
-        self._scalers = ([torch.amp.GradScaler("cuda") for _ in self.optimizers] if amp == "fp16" else None)
+        self._train_modes_for: int | None = None  # the stage set up by set_train_modes (None: redo)
+        scalers = [torch.amp.GradScaler("cuda") if amp == "fp16" else None for _ in self.optimizers]
+        #: the stage steps (:class:`~dgl_fast.stage.StageStep`): what every engine runs; empty in backprop mode
+        self.steps = ([] if mode == "backprop" else
+                      [StageStep(j, model.stages[j], model.heads[j], o, self.device, self.amp, s)
+                       for j, (o, s) in enumerate(zip(self.optimizers, scalers))])
+        self.backprop_step = (BackpropStep(model.stages, model.heads[-1], self.optimizers[0], self.device, self.amp,
+                                           scalers[0]) if mode == "backprop" else None)
         if engine == "auto":
             free_async = mode == "async" and max_reuse is None
             engine = "streams" if cuda and (mode == "dgl" or free_async) else "sequential"
@@ -346,7 +330,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ inputs
 
-    def _check_batch(self, x, y, training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Per-sample input shape (from the model, or the first batch seen)."""
+        return self._input_shape
+
+    def prepare_batch(self, x, y, training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate a batch (shape, dtype, device kind, labels) and move it to the device; nothing
         is updated before this passes. ``training=False`` (evaluation) allows batches of one and
         any batch size in async mode."""
@@ -383,46 +372,13 @@ class Trainer:
             if lo < 0 or hi >= self._num_classes:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"expected labels in [0, {self._num_classes}), got {bad}")
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(self.device, dtype=torch.long, non_blocking=True)
-        return x, y
+        return to_device(x, y, self.device, self.channels_last)
 
     def _autocast(self):
         """Autocast context of the trainer's ``amp`` setting (a no-op without amp)."""
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
-
-    def _backward_step(self, j: int, loss: torch.Tensor) -> None:
-        """Backward of one stage's loss and its optimizer's step (through a loss scaler for fp16)."""
-        opt = self.optimizers[j]
-        if self._scalers is not None:
-            scaler = self._scalers[j]
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def _train_stage(self, j: int, h_in: torch.Tensor, y: torch.Tensor):
-        """One optimizer step of stage j and head j on input ``h_in`` (no gradient flows into it).
-
-        Returns ``(h_out, loss, correct)``, ``h_out`` detached: the hand-off to stage j + 1."""
-        with self._autocast():
-            h = self.model.stages[j](h_in.detach())
-            loss, corr = self._head_loss(j, h, y)
-        self._backward_step(j, loss)
-        return h.detach(), loss.detach().float(), corr
-
-    def _head_loss(self, j: int, h: torch.Tensor, y: torch.Tensor):
-        head = self.model.heads[j]
-        if isinstance(head, AuxHead):
-            return head.loss(h, y)
-        return ops.softmax_cross_entropy(head(h), y)
 
     # ------------------------------------------------------------------ training
 
@@ -436,7 +392,9 @@ class Trainer:
         return StepOutput(torch.stack([nan if v is None else v.float() for v in losses]),
                           torch.stack([zero if v is None else v for v in correct]), batch_size, samples)
 
-    def _set_train_modes(self) -> None:
+    def set_train_modes(self) -> None:
+        """Put the model in training mode for the next step (sequential mode: the stages before the
+        active one stay frozen, BatchNorm in eval mode)."""
         # Walking every module costs host time per step: done again only when the model was put in
         # eval mode (evaluate restores the modes it found) or sequential mode moved to a new stage.
         key = self.active_stage if self.mode == "sequential" else -1
@@ -452,8 +410,8 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train on one mini-batch: every stage in ``dgl`` mode, the active stage in ``sequential``
         mode, the whole network in ``backprop`` mode. Inputs are checked before anything changes."""
-        x, y = self._check_batch(x, y)
-        self._set_train_modes()
+        x, y = self.prepare_batch(x, y)
+        self.set_train_modes()
         if self.mode == "async":
             return self._step_async(x, y)
         if self._engine is not None:
@@ -464,22 +422,16 @@ class Trainer:
         if self.mode == "dgl":
             h = x
             for j in range(K):
-                h, losses[j], correct[j] = self._train_stage(j, h, y)
+                h, losses[j], correct[j] = self.steps[j].step(h, y)
         elif self.mode == "sequential":
             j = self.active_stage
             h = x
             with torch.no_grad(), self._autocast():
                 for i in range(j):
                     h = stages[i](h)
-            _, losses[j], correct[j] = self._train_stage(j, h, y)
+            _, losses[j], correct[j] = self.steps[j].step(h, y)
         else:  # backprop
-            h = x
-            with self._autocast():
-                for stage in stages:
-                    h = stage(h)
-                loss, corr = self._head_loss(K - 1, h, y)
-            self._backward_step(0, loss)
-            losses[K - 1], correct[K - 1] = loss.detach(), corr
+            losses[K - 1], correct[K - 1] = self.backprop_step.step(x, y)
         self.global_step += 1
         B = x.shape[0]
         if self.mode == "dgl":
@@ -565,7 +517,7 @@ class Trainer:
             if self.max_reuse is not None and not bool(sample.valid):
                 return None  # every slot used up: this stage skips its turn
             x, y = sample
-        h, loss, corr = self._train_stage(j, x, y)
+        h, loss, corr = self.steps[j].step(x, y)
         if ordering is not None:
             ordering.mark(("step", j))
         if graphs is not None:
@@ -799,7 +751,7 @@ class Trainer:
         (:func:`dgl_fast.memory.memory_report`; no parameter or statistic changes)."""
         from .memory import memory_report  # noqa: PLC0415
 
-        x, y = self._check_batch(x, y)
+        x, y = self.prepare_batch(x, y)
         self.flush()
         optimizers = self.optimizers if len(self.optimizers) == self.model.num_stages else None
         return memory_report(self.model, x, y, optimizers, autocast=self._autocast)
@@ -816,18 +768,17 @@ class Trainer:
     @torch.no_grad()
     def _eval_pass(self, loader: Iterable) -> tuple[list[float], float]:
         self.flush()
-        modes = [m.training for m in self.model.modules()]
-        self.model.eval()
         K = self.model.num_stages
         hits = torch.zeros(K + 1, dtype=torch.long, device=self.device)  # K heads, then the ensemble
         bad_labels = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
-        try:
+        with kept_modes(self.model):
+            self.model.eval()
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise ValueError(f"expected the evaluation loader to yield (input, labels) pairs, got "
                                      f"{type(batch).__name__}{f' of length {len(batch)}' if hasattr(batch, '__len__') else ''}")
-                x, y = self._check_batch(*batch, training=False)  # the checks step() makes (labels on the CPU)
+                x, y = self.prepare_batch(*batch, training=False)  # the checks step() makes (labels on the CPU)
                 if batch[1].device.type != "cpu":  # labels already on the GPU: checked once, at the end
                     bad_labels += ((y < 0) | (y >= self._num_classes)).sum()
                 with self._autocast():
@@ -838,9 +789,6 @@ class Trainer:
                     ensemble = ensemble + 2.0 ** (j + 1) * torch.softmax(logits.float(), dim=1)
                 hits[K] += (ensemble.argmax(dim=1) == y).sum()
                 seen += x.shape[0]
-        finally:
-            for m, t in zip(self.model.modules(), modes):
-                m.training = t
         if seen == 0:
             raise ValueError("the evaluation loader yielded no batch")
         if int(bad_labels):

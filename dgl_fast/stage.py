@@ -1,0 +1,106 @@
+"""The training step of one DGL stage, the unit every schedule, the distributed runner, the memory
+report and the benchmarks call.
+
+A :class:`StageStep` owns stage j's modules (the stage and its head), its optimizer, its autocast
+dtype and (fp16) its loss scaler. :meth:`StageStep.step` is the eager step ``(h, y) -> (h_out,
+loss, correct)``: forward, head loss, backward, optimizer step, with no gradient flowing into
+``h``. :meth:`StageStep.graph_body` is the same step in the form a CUDA graph captures.
+:class:`BackpropStep` is end-to-end backprop's one step over every stage and the last head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .heads import AuxHead
+
+__all__ = ["StageStep", "BackpropStep", "head_loss"]
+
+
+def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``head`` on ``h`` and its number of correct predictions (fused op)."""
+    if isinstance(head, AuxHead):
+        return head.loss(h, y)
+    return ops.softmax_cross_entropy(head(h), y)
+
+
+class _Precision:
+    def __init__(self, device: torch.device, amp: torch.dtype | None, scaler=None):
+        self.device, self.amp, self.scaler = device, amp, scaler
+
+    def autocast(self):
+        """Autocast context of the step's precision (a no-op without amp)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backward of ``loss`` and ``opt``'s step (through the loss scaler under fp16)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class StageStep(_Precision):
+    """Stage ``index``'s step: ``stage`` and ``head`` trained by ``optimizer`` under autocast
+    ``amp`` (None, torch.bfloat16, torch.float16) with an optional ``torch.amp.GradScaler``."""
+
+    def __init__(self, index: int, stage: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: torch.dtype | None = None, scaler=None):
+        super().__init__(device, amp, scaler)
+        self.index, self.stage, self.head, self.optimizer = index, stage, head, optimizer
+
+    def forward_loss(self, h_in: torch.Tensor, y: torch.Tensor):
+        """Stage forward and head loss under autocast: ``(h, loss, correct)``, ``h`` attached."""
+        with self.autocast():
+            h = self.stage(h_in.detach())
+            loss, correct = head_loss(self.head, h, y)
+        return h, loss, correct
+
+    def step(self, h_in: torch.Tensor, y: torch.Tensor):
+        """One optimizer step on input ``h_in``. Returns ``(h_out, loss, correct)``: ``h_out``
+        detached (the hand-off to the next stage), ``loss`` a float32 scalar, ``correct`` int64."""
+        h, loss, correct = self.forward_loss(h_in, y)
+        self.backward_step(loss, self.optimizer)
+        return h.detach(), loss.detach().float(), correct
+
+    def graph_body(self, h_in: torch.Tensor, y: torch.Tensor, sgd, out: torch.Tensor | None = None):
+        """The step as a CUDA graph captures it: forward, loss, backward, ``sgd`` (a
+        :class:`~dgl_fast.engine.GraphSGD` of this step's optimizer), gradients dropped (a capture
+        starts without them, so each replay's backward writes them afresh), the output copied into
+        the static ``out``. Returns ``(loss, correct)`` (graph-owned)."""
+        h, loss, correct = self.forward_loss(h_in, y)
+        loss.backward()
+        sgd.step()
+        sgd.zero_grad()
+        if out is not None:
+            out.copy_(h.detach())
+        return loss.detach(), correct
+
+
+class BackpropStep(_Precision):
+    """End-to-end backprop's step: every stage, then the last head, one optimizer."""
+
+    def __init__(self, stages: nn.ModuleList, head: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: torch.dtype | None = None, scaler=None):
+        super().__init__(device, amp, scaler)
+        self.stages, self.head, self.optimizer = stages, head, optimizer
+
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        """Returns ``(loss, correct)`` of the last head."""
+        with self.autocast():
+            h = x
+            for stage in self.stages:
+                h = stage(h)
+            loss, correct = head_loss(self.head, h, y)
+        self.backward_step(loss, self.optimizer)
+        return loss.detach(), correct
