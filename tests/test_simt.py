@@ -5,7 +5,8 @@ tests/simt/simt_ops.cpp instantiates them with an emulator that runs every CUDA 
 (barriers, warp shuffles, shared memory, grid-stride loops). So on machines without a GPU, CI
 still executes the exact kernel code of every CUDA op and checks it against plain PyTorch in
 float64, against the CPU kernels, and against itself under shuffled thread schedules (a kernel
-whose bits depend on the order of its threads has a race)."""
+whose bits depend on the order of its threads has a race) and, for kernels whose blocks
+coordinate (last-block tickets), with several blocks in flight together, interleaved."""
 
 import collections
 import contextlib
@@ -50,11 +51,12 @@ def simt():
     mod.configure(0, H100_SMS)
 
 
-def under_seeds(simt, fn, seeds=(0, 12345), sms=H100_SMS):
-    """Runs `fn` under several thread schedules; asserts every result is bitwise the same."""
+def under_seeds(simt, fn, seeds=(0, 12345), sms=H100_SMS, resident=1):
+    """Runs `fn` under several thread schedules (with `resident` blocks in flight together);
+    asserts every result is bitwise the same."""
     results = []
     for seed in seeds:
-        simt.configure(seed, sms)
+        simt.configure(seed, sms, resident)
         results.append(fn())
     simt.configure(0, H100_SMS)
     first = results[0]
@@ -92,6 +94,26 @@ def test_emulator_schedules_expose_a_race(simt):
     simt.configure(0, H100_SMS)
     assert len(values) > 1  # the last thread to write wins, and that depends on the schedule
     assert values <= set(range(1, 65))
+
+
+def test_emulator_resident_blocks_interleave(simt):
+    """Blocks in flight together: a commit that does not wait for the other blocks' reads is seen
+    by some blocks and not by others, depending on the seed, and each block keeps its own shared
+    memory while another resident block writes the same __shared__ variable."""
+
+    def run(seed, resident):
+        simt.configure(seed, H100_SMS, resident)
+        out = torch.zeros(1 + 8, dtype=torch.long)  # state, then what each of 8 blocks read
+        simt.misuse("early_commit", out)
+        return tuple(out.tolist())
+
+    assert run(0, 1) == (1, 0) + (1,) * 7  # one after another: block 0 first, the others see its commit
+    switches = simt.stats()["block_switches"]
+    patterns = {run(seed, 4) for seed in range(1, 9)}
+    assert simt.stats()["block_switches"] > switches
+    simt.configure(0, H100_SMS)
+    assert all(p[0] == 1 and -1 not in p for p in patterns)  # one commit; no block saw another's shared value
+    assert len(patterns) > 1 and any(sum(p[2:]) < 7 for p in patterns)  # some block read before the commit
 
 
 def test_emulator_counts_threads_and_barriers(simt):
@@ -248,6 +270,91 @@ def test_linear_bn_relu_bf16_matches_cpu_kernel(simt):
         torch.testing.assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-2)
 
 
+# Row chunks (a 2D grid: column blocks x row chunks): M = 1024 head layers on 132 SMs (128 blocks of
+# 8 columns; 2 chunks of 64 rows, 3 of 96, 96 and 64), a 32-column layer in 8 chunks (7 of 192
+# rows and one of 156) on a pretend 16 SMs, and exactly one chunk: M = 1024 with 64 rows, and
+# 1500 rows of 64 columns on 1 SM (2 blocks of 32 columns). Blocks in flight together
+# (resident=4), so the backward's last-block ticket meets interleavings.
+@pytest.mark.parametrize("N,M,sms,chunks", [(128, 1024, H100_SMS, 2), (256, 1024, H100_SMS, 3), (1500, 32, 16, 8),
+                                            (64, 1024, H100_SMS, 1), (1500, 64, 1, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_linear_bn_relu_row_chunks(simt, N, M, sms, chunks, training):
+    cols, got_chunks, rows = simt.bn_launch_shape(N, M, sms)
+    assert got_chunks == chunks and (chunks - 1) * rows < N <= chunks * rows
+    blocks = -(-M // cols) * chunks
+    x, w, b, gamma, beta, rm, rv = _lbr(N, 6, M, True, seed=N + M)
+    grad_out = torch.randn(N, M, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eps = 1e-5
+    launches = []
+
+    def run():
+        before = simt.stats()
+        out, z, mean, var = simt.linear_bn_relu(x, w, b, gamma, beta, rm, rv, training, eps)
+        middle = simt.stats()
+        grads = simt.linear_bn_relu_bwd(grad_out, x, w, z, mean, var, gamma, beta, training, eps)
+        after = simt.stats()
+        launches.append([(b["launches"] - a["launches"], b["blocks"] - a["blocks"])
+                         for a, b in ((before, middle), (middle, after))])
+        return [out, z, mean, var, *grads]
+
+    got = under_seeds(simt, run, sms=sms, resident=4)
+    fwd_launches = 1 if chunks == 1 or not training else 2
+    bwd_launches = 1 if chunks == 1 else 2
+    assert launches[0] == [(fwd_launches, fwd_launches * blocks), (bwd_launches, bwd_launches * blocks)]
+    leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta, b)]
+    rout, rmean, rvar = reference.linear_bn_relu(*leaves[:2], leaves[4], *leaves[2:4], rm, rv, training, eps)
+    rout.backward(grad_out)
+    want = [rout, F.linear(x, w, b), rmean, rvar, *(leaves[i].grad for i in (0, 1, 4, 2, 3))]
+    cpu = [*torch.ops.dgl_fast.linear_bn_relu(x, w, b, gamma, beta, rm, rv, training, eps)]
+    cpu += torch.ops.dgl_fast.linear_bn_relu_bwd(grad_out, x, w, cpu[1], cpu[2], cpu[3], gamma, beta, training, eps)
+    for name, a, r, c in zip(["out", "z", "mean", "var", "grad_x", "grad_w", "grad_bias", "grad_gamma", "grad_beta"],
+                             got, want, cpu):
+        torch.testing.assert_close(a, r.detach(), rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n} vs CPU: {m}")
+
+
+def test_linear_bn_relu_row_chunks_float32(simt):
+    """float32, columns with a large mean (|mean| / std ~ 30): every output of the chunked kernels
+    (8 row chunks) is within twice the single kernel's error (plus 4 ulp of the largest value) of
+    the float64 computation from the same z."""
+    N, M = 1500, 64
+    x, w, b, gamma, beta, rm, rv = _lbr(N, 6, M, True, seed=8, dtype=torch.float32)
+    b = b + 30
+    assert simt.bn_launch_shape(N, M, 32)[1] == 8 and simt.bn_launch_shape(N, M, 1)[1] == 1
+    grad_out = torch.randn(N, M, generator=torch.Generator().manual_seed(5))
+    eps = 1e-5
+
+    def run():
+        out, z, mean, var = simt.linear_bn_relu(x, w, b, gamma, beta, rm, rv, True, eps)
+        return [out, z, mean, var, *simt.linear_bn_relu_bwd(grad_out, x, w, z, mean, var, gamma, beta, True, eps)]
+
+    chunked = under_seeds(simt, run, sms=32, resident=4)
+    single = under_seeds(simt, run, sms=1)
+    torch.testing.assert_close(chunked[1], single[1], rtol=0, atol=0)  # the same z (ATen's mm)
+    z, g64, b64 = chunked[1].double(), gamma.double(), beta.double()
+    mean, var = z.mean(0), z.var(0, unbiased=False)
+    out = torch.relu((z - mean) / torch.sqrt(var + eps) * g64 + b64)
+    grads = torch.ops.dgl_fast.linear_bn_relu_bwd(grad_out.double(), x.double(), w.double(), z, mean, var, g64, b64,
+                                                  True, eps)
+    u = 2.0**-24
+    for name, c, s_, e in zip(["out", "z", "mean", "var", "grad_x", "grad_w", "grad_bias", "grad_gamma", "grad_beta"],
+                              chunked, single, [out, z, mean, var, *grads]):
+        err_chunked = (c.double() - e).abs().max().item()
+        err_single = (s_.double() - e).abs().max().item()
+        assert err_chunked <= 2 * err_single + 4 * u * e.abs().max().item(), (name, err_chunked, err_single)
+
+
+@pytest.mark.parametrize("N,M", [(128, 1024), (256, 1024), (8192, 128), (32768, 128), (8192, 32), (32768, 32)])
+def test_linear_bn_relu_launch_fills_an_h200(simt, N, M):
+    """The real shapes (head layers: M = 1024 columns, 128-256 rows; mlp-sr's 1x1 convolutions:
+    128 or 32 columns, 8k-32k pixel rows) get at least one block per SM of an H200, in row chunks
+    of whole passes of the block's row threads, at least two rows per thread."""
+    cols, chunks, rows = simt.bn_launch_shape(N, M, H100_SMS)
+    row_threads = 256 // cols
+    assert -(-M // cols) * chunks >= H100_SMS
+    assert rows % row_threads == 0 and rows >= 2 * row_threads and (chunks - 1) * rows < N <= chunks * rows
+
+
 @pytest.mark.parametrize("layers", [2, 17])  # 17: two launches of at most 16 layers
 def test_bn_update_stats(simt, layers):
     rnd = random.Random(layers)
@@ -311,6 +418,70 @@ def test_replay_ops_match_cpu_kernels(simt, shape, dtype, storage_dtype, policy,
         for key in emu:
             assert torch.equal(emu[key].view(torch.uint8), cpu[key].view(torch.uint8)), key
     simt.configure(0, H100_SMS)
+
+
+POLICY_NAMES = {code: name for name, code in dgl_fast.ops.REPLAY_POLICIES.items()}
+
+
+def _replay_sequence(push, sample, shape, dtype, storage_dtype, policy, max_reuse, launches=None, stats=None):
+    """Pushes and samples on a 3-slot ring, runs of samples long enough to use every slot up
+    (max_reuse); checks each sample against reference.replay_select and returns every output and
+    the final ring state."""
+    M, B, seed = 3, shape[0], 77
+    ring = _ring(M, shape, B, storage_dtype)
+    rnd = random.Random(policy * 10 + max_reuse)
+    g = torch.Generator().manual_seed(2)
+    results = []
+    for _ in range(22):
+        if int(ring["state"][2]) == 0 or rnd.random() < 0.25:
+            x, y = torch.randn(shape, generator=g).to(dtype), torch.randint(0, 1000, (B,), generator=g)
+            push(ring["storage"], ring["label_store"], ring["state"], ring["uses"], ring["stamps"], x, y)
+            continue
+        st = ring["state"].tolist()
+        want = reference.replay_select(ring["uses"].tolist(), ring["stamps"].tolist(), st[1], POLICY_NAMES[policy],
+                                       max_reuse, seed, st[3])
+        out = torch.full(shape, 7.0).to(dtype)
+        out_labels = torch.full((B,), -5, dtype=torch.long)
+        info = torch.full((2,), -9, dtype=torch.long)
+        uses = ring["uses"].clone()
+        before = stats() if stats else None
+        sample(ring["state"], ring["uses"], ring["stamps"], ring["storage"], ring["label_store"], out, out_labels, info,
+               policy, max_reuse, seed)
+        if stats:
+            after = stats()
+            launches.append((after["launches"] - before["launches"], after["blocks"] - before["blocks"]))
+        assert info.tolist() == [want, int(want >= 0)]
+        assert ring["state"].tolist() == st[:3] + [st[3] + 1]
+        if want >= 0:
+            uses[want] += 1
+            assert torch.equal(out, ring["storage"][want].to(dtype)) and torch.equal(out_labels, ring["label_store"][want])
+        else:  # nothing available: outputs untouched
+            assert (out.float() == 7.0).all() and (out_labels == -5).all()
+        assert torch.equal(ring["uses"], uses)
+        results += [out.view(torch.uint8), out_labels, info]
+    return results + [ring["state"], ring["uses"], ring["stamps"]]
+
+
+# Grids of 1 block (10 4-byte words), 2 (512 16-byte vectors), 5 (1,200 converted elements) and
+# 32 blocks (8,005 8-byte words); every policy, and max_reuse 1 and 2, which the runs of samples
+# exhaust (valid False). One launch per sample, with blocks one after another and 4 in flight.
+@pytest.mark.parametrize("shape,dtype,storage_dtype,blocks", [((2, 5), torch.float32, torch.float32, 1),
+                                                              ((4, 512), torch.float32, torch.float32, 2),
+                                                              ((4, 300), torch.float32, torch.bfloat16, 5),
+                                                              ((5, 1601), torch.float64, torch.float64, 32)])
+@pytest.mark.parametrize("policy,max_reuse", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 2), (2, 1)])
+@pytest.mark.parametrize("resident", [1, 4])
+def test_replay_sample_is_one_launch_on_a_grid(simt, shape, dtype, storage_dtype, blocks, policy, max_reuse, resident):
+    args = (shape, dtype, storage_dtype, policy, max_reuse)
+    launches = []
+    got = under_seeds(simt, lambda: _replay_sequence(simt.replay_push, simt.replay_sample, *args, launches=launches,
+                                                     stats=simt.stats), resident=resident)
+    cpu = _replay_sequence(torch.ops.dgl_fast.replay_push, torch.ops.dgl_fast.replay_sample, *args)
+    assert launches and set(launches) == {(1, blocks)}
+    for a, b in zip(got, cpu, strict=True):
+        assert torch.equal(a, b)
+    if max_reuse:
+        assert any(int(t[1]) == 0 for t in got[2:-3:3])  # some sample found every slot used up
 
 
 # --- whole trainers through the CUDA code ------------------------------------------------------

@@ -38,10 +38,14 @@ void check_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "simt.", what, ": the emulator runs on CPU tensors, got ", t.device());
 }
 
-void configure(int64_t seed, int64_t multiprocessors) {
+// seed: thread schedules (0: unshuffled); multiprocessors: what launch.multiprocessors() reports;
+// resident: blocks of a grid in flight together (1: one after another).
+void configure(int64_t seed, int64_t multiprocessors, int64_t resident) {
   TORCH_CHECK(multiprocessors >= 1, "simt.configure: multiprocessors must be >= 1");
+  TORCH_CHECK(resident >= 1 && resident <= 64, "simt.configure: resident must be in [1, 64], got ", resident);
   simt::g_seed = static_cast<uint64_t>(seed);
   simt::g_seeded_launches = 0;
+  simt::g_resident = static_cast<int>(resident);
   g_multiprocessors = static_cast<int>(multiprocessors);
 }
 
@@ -51,7 +55,9 @@ std::map<std::string, int64_t> stats() {
           {"blocks", s.blocks},
           {"threads", s.threads},
           {"block_barriers", s.block_barriers},
-          {"warp_exchanges", s.warp_exchanges}};
+          {"warp_exchanges", s.warp_exchanges},
+          {"atomics", s.atomics},
+          {"block_switches", s.block_switches}};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_xent(const at::Tensor& logits, const at::Tensor& labels) {
@@ -105,6 +111,15 @@ void replay_sample(at::Tensor state, at::Tensor uses, const at::Tensor& stamps, 
                                seed, SimtLauncher{});
 }
 
+// linear_bn_relu's launch shape for N rows and M columns on `sms` SMs: (columns a block, row chunks,
+// rows a chunk), so tests can check the real layers' grids without emulating them.
+std::tuple<int64_t, int64_t, int64_t> bn_launch_shape(int64_t N, int64_t M, int64_t sms) {
+  using namespace dgl_fast::linear_bn_relu_detail;
+  const int cols = pick_cols(M, sms);
+  const auto split = pick_row_split(N, (M + cols - 1) / cols, kThreads / cols, sms);
+  return {cols, split.chunks, split.rows};
+}
+
 // Kernels that break the emulator's rules on purpose, so tests can check it reports them.
 __global__ void skipped_barrier_kernel(int* out) {
   if (threadIdx.x == 0) return;  // thread 0 never reaches the barrier
@@ -143,6 +158,18 @@ __global__ void mismatched_shuffle_kernel(int* out) {
   out[threadIdx.x] = threadIdx.x < 16 ? __shfl_xor_sync(0xffffffffu, v, 1) : __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// Block 0 commits (state[0] += 1) without waiting for the other blocks to read state[0]: with
+// blocks in flight together, whether a block sees the commit depends on the interleaving. Each
+// block also checks that its shared memory is its own across a barrier (another resident block
+// writes the same __shared__ variable meanwhile).
+__global__ void early_commit_kernel(int64_t* state, int64_t* seen) {
+  __shared__ int64_t read;
+  if (threadIdx.x == 0) read = state[0] * 1000 + blockIdx.x;
+  __syncthreads();
+  if (threadIdx.x == 0) seen[blockIdx.x] = read % 1000 == blockIdx.x ? read / 1000 : -1;
+  if (blockIdx.x == 0 && threadIdx.x == 0) state[0] += 1;
+}
+
 void misuse(const std::string& which, at::Tensor out) {
   check_cpu(out, "misuse");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong, "simt.misuse: expected a contiguous int64 tensor");
@@ -153,6 +180,11 @@ void misuse(const std::string& which, at::Tensor out) {
     at::Tensor ints = at::zeros({64}, out.options().dtype(at::kInt));
     SimtLauncher{}(which == "split_barrier" ? split_barrier_kernel : mismatched_shuffle_kernel, dim3(1), dim3(64),
                    ints.mutable_data_ptr<int>());
+  } else if (which == "early_commit") {
+    // out: [1 + blocks]: out[0] the state, out[1 + b] what block b read
+    TORCH_CHECK(out.numel() >= 2, "simt.misuse: early_commit needs at least 2 elements");
+    int64_t* p = out.mutable_data_ptr<int64_t>();
+    SimtLauncher{}(early_commit_kernel, dim3(static_cast<unsigned>(out.numel() - 1)), dim3(32), p, p + 1);
   } else if (which == "racy_sum") {
     SimtLauncher{}(racy_block_sum_kernel, dim3(1), dim3(64), out.mutable_data_ptr<int64_t>());
   } else if (which == "out_of_bounds") {
@@ -170,7 +202,7 @@ void misuse(const std::string& which, at::Tensor out) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dgl_fast's CUDA kernels run by a CPU SIMT emulator (tests only)";
-  m.def("configure", &configure, py::arg("seed"), py::arg("multiprocessors"));
+  m.def("configure", &configure, py::arg("seed"), py::arg("multiprocessors"), py::arg("resident") = 1);
   m.def("stats", &stats);
   m.def("softmax_xent", &softmax_xent);
   m.def("aux_pool", &aux_pool);
@@ -180,5 +212,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_update_stats", &bn_update_stats);
   m.def("replay_push", &replay_push);
   m.def("replay_sample", &replay_sample);
+  m.def("bn_launch_shape", &bn_launch_shape);
   m.def("misuse", &misuse);
 }
