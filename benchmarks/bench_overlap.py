@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, device_tag, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
 
 import dgl_fast  # noqa: E402
-from dgl_fast.engine import GraphSGD  # noqa: E402
+from dgl_fast.schedules import GraphSGD  # noqa: E402
 
 CONFIGS = [("vgg13", dict(block_size=3), "vgg13-k4"), ("vgg13", dict(stages=2), "vgg13-k2"),
            ("vgg13", dict(stages=8), "vgg13-k8"), ("aux-study", dict(), "aux-study-k6")]
@@ -111,14 +111,7 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
             sx = sx.contiguous(memory_format=torch.channels_last)
 
         def bp_body():
-            with tr._autocast():
-                h = sx
-                for stage in tr.model.stages:
-                    h = stage(h)
-                loss, _ = tr._head_loss(K - 1, h, sy)
-            loss.backward()
-            gs.step()
-            gs.zero_grad()
+            tr.backprop_step.graph_body(sx, sy, gs)
 
         tr.optimizers[0].zero_grad(set_to_none=True)
         replay = graph_of(bp_body, device)
@@ -135,7 +128,7 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
             for j in range(K):
                 if stage_peaks is not None:
                     torch.cuda.reset_peak_memory_stats(device)
-                h, loss, _ = tr._train_stage(j, h, y)
+                h, loss, _ = tr.steps[j].step(h, y)
                 loss.item()
                 if stage_peaks is not None:
                     stage_peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -161,13 +154,13 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
         for label, one_stream in (("dgl_graphs_1stream", True), ("dgl_graphs_kstreams", False)):
             tr = trainer(mode="dgl", engine="streams", cuda_graphs=True)
             if one_stream:
-                tr._engine.streams = [tr._engine.streams[0]] * K
+                tr.schedule.streams = [tr.schedule.streams[0]] * K
             for _ in range(warmup + K + 4):  # eager warm-up ticks, capture, a few graph ticks
                 tr.step(*batch_())
             res[label] = steps * batch / timed(lambda tr=tr: tr.step(*batch_()), steps, device, tr.flush)
             if not one_stream:
-                eng = tr._engine
-                res["stage_graph_us"] = [time_us(eng._graph_state[j].graphs[0].replay, device, warmup=3, reps=20)
+                eng = tr.schedule
+                res["stage_graph_us"] = [time_us(eng.graph_state[j].graphs[0].replay, device, warmup=3, reps=20)
                                          for j in range(K)]
                 res["timeline"] = timeline(tr, batch_, K)
         res["overlap_efficiency"] = res["dgl_graphs_kstreams"] / res["dgl_graphs_1stream"]
@@ -194,7 +187,7 @@ def bench_config(name, kw, tag, batch, precision, device, steps, warmup, quick):
 
 def timeline(tr, batch_, K, ticks=None):
     """Stage spans (ms from the window's start) of a few pipelined ticks on K streams."""
-    eng = tr._engine
+    eng = tr.schedule
     eng.trace = []
     for _ in range(ticks or 2 * K):
         tr.step(*batch_())

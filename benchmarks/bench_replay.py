@@ -106,8 +106,8 @@ def bench_async(device, batch, capacity, steps, width, quick):
         i = 0
 
         def warm():  # buffers filled, every stage past its eager steps (and captured), then steady steps
-            graphs = trainer._async_graphs
-            return (trainer._warm == model.num_stages - 1 and min(trainer.stage_steps) >= 3
+            graphs = trainer.schedule.graphs
+            return (trainer.schedule.warm == model.num_stages - 1 and min(trainer.stage_steps) >= 3
                     and (graphs is None or all(st is not None for st in graphs.stages)))
 
         while not warm() or i < 5:

@@ -75,7 +75,7 @@ class StageStep(_Precision):
 
     def graph_body(self, h_in: torch.Tensor, y: torch.Tensor, sgd, out: torch.Tensor | None = None):
         """The step as a CUDA graph captures it: forward, loss, backward, ``sgd`` (a
-        :class:`~dgl_fast.engine.GraphSGD` of this step's optimizer), gradients dropped (a capture
+        :class:`~dgl_fast.schedules.GraphSGD` of this step's optimizer), gradients dropped (a capture
         starts without them, so each replay's backward writes them afresh), the output copied into
         the static ``out``. Returns ``(loss, correct)`` (graph-owned)."""
         h, loss, correct = self.forward_loss(h_in, y)
@@ -95,12 +95,23 @@ class BackpropStep(_Precision):
         super().__init__(device, amp, scaler)
         self.stages, self.head, self.optimizer = stages, head, optimizer
 
-    def step(self, x: torch.Tensor, y: torch.Tensor):
-        """Returns ``(loss, correct)`` of the last head."""
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor):
         with self.autocast():
             h = x
             for stage in self.stages:
                 h = stage(h)
-            loss, correct = head_loss(self.head, h, y)
+            return head_loss(self.head, h, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        """Returns ``(loss, correct)`` of the last head."""
+        loss, correct = self.forward_loss(x, y)
         self.backward_step(loss, self.optimizer)
+        return loss.detach(), correct
+
+    def graph_body(self, x: torch.Tensor, y: torch.Tensor, sgd):
+        """The step as a CUDA graph captures it (see :meth:`StageStep.graph_body`)."""
+        loss, correct = self.forward_loss(x, y)
+        loss.backward()
+        sgd.step()
+        sgd.zero_grad()
         return loss.detach(), correct

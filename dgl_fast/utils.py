@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-__all__ = ["resolve_device", "has_batchnorm", "kept_modes", "to_device"]
+__all__ = ["resolve_device", "has_batchnorm", "kept_modes", "to_device", "BatchChecker"]
 
 
 def resolve_device(device) -> torch.device:
@@ -49,3 +49,55 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, dtype=torch.long, non_blocking=True)
+
+
+class BatchChecker:
+    """Validates training and evaluation batches for one model and moves them to its device.
+
+    It learns the per-sample input shape from the model (``input_shape``) or the first batch, and
+    from it each stage's output shape and the class count (one shape probe, nothing changes)."""
+
+    def __init__(self, model, device: torch.device, channels_last: bool = False):
+        self.model, self.device, self.channels_last = model, device, channels_last
+        self.has_bn = has_batchnorm(model)
+        self.input_shape = model.input_shape
+        self.stage_shapes = self.num_classes = None
+        if self.input_shape is not None:
+            self.stage_shapes = model.check_shapes(self.input_shape)
+            self.num_classes = self.stage_shapes[-1][1]
+
+    def __call__(self, x, y, training: bool = True, fixed_batch: int | None = None):
+        """Check ``(x, y)`` (types, devices, dtype, shapes, labels on the CPU) and return them on the
+        device. ``training=False`` allows a batch of one; ``fixed_batch`` is async mode's size."""
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"expected tensors x and y, got {type(x).__name__} and {type(y).__name__}")
+        for name, t in (("input", x), ("labels", y)):
+            if t.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"expected {name} on the CPU or a CUDA device (this trainer runs on {self.device}), "
+                                 f"got a tensor on {t.device}")
+        dtype = next(self.model.parameters()).dtype
+        if x.dtype != dtype:
+            raise ValueError(f"expected input of dtype {dtype}, got {x.dtype}")
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"expected a non-empty batch, got input of shape {list(x.shape)} (batch size 0)")
+        B = x.shape[0]
+        if self.input_shape is None:
+            self.stage_shapes = self.model.check_shapes(tuple(x.shape[1:]))
+            self.input_shape, self.num_classes = tuple(x.shape[1:]), self.stage_shapes[-1][1]
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected input of shape [B, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        if training and B < 2 and self.has_bn:
+            raise ValueError("batch size 1 cannot train BatchNorm layers; expected at least 2 samples per batch")
+        if training and fixed_batch is not None and B != fixed_batch:
+            raise ValueError(f"async mode keeps a fixed batch size: expected batches of {fixed_batch}, got {B}")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"expected integer class labels, got dtype {y.dtype}")
+        if y.shape != (B,):
+            raise ValueError(f"expected labels of shape [{B}], got {list(y.shape)}")
+        if y.device.type == "cpu":
+            # On the host the check is free; labels already on a GPU are checked by the loss
+            # kernel (NaN loss) so that no host synchronisation enters the hot path.
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"expected labels in [0, {self.num_classes}), got {lo if lo < 0 else hi}")
+        return to_device(x, y, self.device, self.channels_last)

@@ -76,15 +76,6 @@ def test_async_fixed_batch_size():
         trainer.step(x[:4], y[:4])
 
 
-def _with_emulated_graphs(trainer, warmup=2):
-    """Route the trainer's async stage steps through the CUDA-graph code path (AsyncGraphs), with
-    emulated graphs: the captured function runs on the same static tensors at every replay."""
-    from dgl_fast.engine import AsyncGraphs
-
-    trainer._async_graphs = AsyncGraphs(trainer, None, warmup=warmup, emulate_graphs=True)
-    return trainer
-
-
 @pytest.mark.parametrize("policy", ["priority_lifo", "fifo", "uniform"])
 @pytest.mark.parametrize("K", [2, 3])
 def test_async_graph_path_equals_eager_async(policy, K):
@@ -92,14 +83,14 @@ def test_async_graph_path_equals_eager_async(policy, K):
     data_ = batches(25, dtype=torch.float64, seed=5)
     kw = dict(optimizer=sgd, mode="async", buffer_capacity=3, policy=policy, slowdown={2: 0.5}, seed=7)
     eager = dgl_fast.Trainer(copy.deepcopy(model), **kw)
-    graph = _with_emulated_graphs(dgl_fast.Trainer(copy.deepcopy(model), **kw))
+    graph = dgl_fast.Trainer(copy.deepcopy(model), cuda_graphs="emulate", **kw)
     for x, y in data_:
         a, b = eager.step(x, y), graph.step(x, y)
         assert a.samples == b.samples
         torch.testing.assert_close(a.losses, b.losses, rtol=1e-10, atol=1e-12, equal_nan=True)
         assert torch.equal(a.correct, b.correct)
     assert graph.stage_steps == eager.stage_steps and min(graph.stage_steps) > 2  # every stage replayed
-    assert all(st is not None for st in graph._async_graphs.stages)
+    assert all(st is not None for st in graph.schedule.graphs.stages)
     # the graph path runs the eager step's ops (GraphSGD is torch's SGD): bitwise
     for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
         assert torch.equal(pa, pb)
@@ -113,32 +104,32 @@ def test_async_graph_path_equals_eager_async(policy, K):
 def test_async_graph_path_follows_per_stage_lr_schedules_and_resets_on_load():
     spec = data.load("synthetic", batch_size=16, in_size=8, num_classes=3, synthetic_size=160, seed=1)
 
-    def make():
+    def make(**kw):
         torch.manual_seed(0)
         model = dgl_fast.models.build("aux-study", num_classes=3, depth=3, width=8, in_size=8, aux="mlp").double()
         return dgl_fast.Trainer(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), mode="async",
-                                buffer_capacity=2, slowdown={2: 0.3}, seed=3)
+                                buffer_capacity=2, slowdown={2: 0.3}, seed=3, **kw)
 
     def double_batches(loader):
         return [(x.double(), y) for x, y in loader]
 
     train = double_batches(spec.train)
-    eager, graph = make(), _with_emulated_graphs(make())
+    eager, graph = make(), make(cuda_graphs="emulate")
     schedule = lambda e: 0.1 ** e  # noqa: E731
     for tr in (eager, graph):
         tr.fit(train, epochs=3, lr_schedule=schedule, progress=False)
     lrs = [[g["lr"] for o in tr.optimizers for g in o.param_groups] for tr in (eager, graph)]
     assert lrs[0] == lrs[1] and min(lrs[0]) < 0.05 * 0.1 + 1e-12
     # the graphs' device learning rates follow the host's
-    assert [float(o.lr[0]) for o in graph._async_graphs.opts] == lrs[1]
+    assert [float(o.lr[0]) for o in graph.schedule.graphs.opts] == lrs[1]
     for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
         assert torch.equal(pa, pb)  # each learning-rate change re-captured the stage's graph
     graph.load_state_dict(eager.state_dict())  # new optimizer state and buffers: graphs re-capture
-    assert all(st is None for st in graph._async_graphs.stages)
+    assert all(st is None for st in graph.schedule.graphs.stages)
     # ... after eager warm-up steps in this process, whatever step counts the checkpoint restored
-    assert min(graph.stage_steps) > 2 and not any(graph._async_graphs.ready(j) for j in range(3))
+    assert min(graph.stage_steps) > 2 and not any(graph.schedule.graphs.ready(j) for j in range(3))
     graph.step(*train[0])
-    assert graph._async_graphs.stages[0] is None and graph._async_graphs.eager_steps[0] == 1
+    assert graph.schedule.graphs.stages[0] is None and graph.schedule.graphs.eager_steps[0] == 1
 
 
 def test_async_graph_path_bf16_channels_last():
@@ -148,10 +139,10 @@ def test_async_graph_path_bf16_channels_last():
     kw = dict(optimizer=sgd, mode="async", buffer_capacity=3, slowdown={2: 0.5}, seed=7, amp="bf16",
               channels_last=True)
     eager = dgl_fast.Trainer(copy.deepcopy(model), **kw)
-    graph = _with_emulated_graphs(dgl_fast.Trainer(copy.deepcopy(model), **kw))
+    graph = dgl_fast.Trainer(copy.deepcopy(model), cuda_graphs="emulate", **kw)
     for x, y in data_:
         eager.step(x, y)
         graph.step(x, y)
-    assert all(st is not None for st in graph._async_graphs.stages) and min(graph.stage_steps) > 2
+    assert all(st is not None for st in graph.schedule.graphs.stages) and min(graph.stage_steps) > 2
     for pa, pb in zip(eager.model.parameters(), graph.model.parameters()):
         assert torch.equal(pa, pb)

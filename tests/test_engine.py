@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dgl_fast
-from dgl_fast.engine import GraphSGD
+from dgl_fast.schedules import GraphSGD
 from helpers import assert_same_state, batches, sgd, small_model
 
 
@@ -73,9 +73,9 @@ def test_evaluate_and_save_flush_the_pipeline(tmp_path):
     tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline")
     for x, y in batches(2):
         tr.step(x, y)
-    assert not tr._engine.idle()
+    assert not tr.schedule.idle()
     tr.save(tmp_path / "ck.pt")
-    assert tr._engine.idle() and tr.stage_steps == [2, 2, 2]
+    assert tr.schedule.idle() and tr.stage_steps == [2, 2, 2]
     seq, _ = _run(model, batches(2), engine="sequential")
     assert_same_state(tr.model, seq.model, rtol=0, atol=0)
 
@@ -159,7 +159,7 @@ def test_streams_engine_equals_sequential_on_gpu(graphs, dtype, B, n, tol):
     streams, _ = _run(model, data, device="cuda", engine="streams", cuda_graphs=graphs)
     assert streams.cuda_graphs == graphs
     if graphs:
-        assert streams._engine._graph_state is not None  # it really replayed graphs
+        assert streams.schedule.graph_state is not None  # it really replayed graphs
     assert_same_state(streams.model, seq.model, rtol=tol, atol=tol)
 
 
@@ -167,18 +167,15 @@ def test_streams_engine_equals_sequential_on_gpu(graphs, dtype, B, n, tol):
 def test_real_graphs_equal_emulated_graphs_on_gpu_bitwise():
     # float32, the same stage-step code on the same GPU: captured and replayed on K streams, or
     # run eagerly on one stream through the graph code path (parity buffers, GraphSGD)
-    from dgl_fast.engine import PipelinedEngine
-
     dev = torch.device("cuda")
     model = small_model(4, seed=3, aux="mlp-sr", fused=True)
     data = [(x.to(dev), y.to(dev)) for x, y in batches(10, B=64)]
     real, _ = _run(model, data, device="cuda", engine="streams", cuda_graphs=True)
-    emu = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline", device="cuda")
-    emu._engine = PipelinedEngine(emu, streams=False, graphs=True, emulate_graphs=True)
+    emu = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline", device="cuda", cuda_graphs="emulate")
     for x, y in data:
         emu.step(x, y)
     emu.flush()
-    assert real._engine._graph_state is not None and emu._engine._graph_state is not None
+    assert real.schedule.graph_state is not None and emu.schedule.graph_state is not None
     assert_same_state(real.model, emu.model, rtol=0, atol=0)
 
 
@@ -195,7 +192,7 @@ def test_graphs_across_lr_change_and_partial_batch():
         out[engine] = (tr, tr.fit(train, epochs=3, lr_schedule=lambda e: 0.5 ** e, progress=False))
     (seq, rs), (gr, rg) = out["sequential"], out["streams"]
     assert gr.cuda_graphs and len(spec.train.x) % 32 != 0  # a partial last batch every epoch
-    assert gr._engine.captures == 3  # once per learning rate
+    assert gr.schedule.captures == 3  # once per learning rate
     assert_same_state(gr.model, seq.model, rtol=1e-10, atol=1e-10)
     for a, b in zip(rs, rg):
         assert a["stage_samples"] == b["stage_samples"]
@@ -210,7 +207,7 @@ def test_bf16_channels_last_streams_runs():
     for x, y in batches(8):
         tr.step(x.to(dev), y.to(dev))
     tr.flush()
-    means, _, samples = tr._engine.read_metrics()
+    means, _, samples = tr.read_metrics()
     assert all(math.isfinite(m) for m in means) and samples == [48, 48, 48]
 
 
@@ -220,7 +217,7 @@ def test_async_on_streams_progresses_every_stage():
     model = small_model(4, seed=5, aux="mlp-sr", fused=True)
     tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, device="cuda", mode="async", buffer_capacity=3,
                           slowdown={3: 0.5})
-    assert tr.engine_name == "streams" and tr._async_streams is not None
+    assert tr.engine_name == "streams" and tr.schedule.streams is not None
     for x, y in batches(60):
         out = tr.step(x.to(dev), y.to(dev))
     assert out.losses is None  # free-running: metrics stay on the stage streams
@@ -248,7 +245,7 @@ def test_async_streams_equal_async_sequential_on_gpu(graphs):
     torch.cuda.synchronize()
     assert free.cuda_graphs == graphs and free.stage_steps == ref.stage_steps
     if graphs:
-        assert all(st is not None for st in free._async_graphs.stages)  # every stage replayed its graph
+        assert all(st is not None for st in free.schedule.graphs.stages)  # every stage replayed its graph
     assert_same_state(free.model, ref.model, rtol=1e-10, atol=1e-10)
 
 
@@ -295,11 +292,7 @@ def test_load_state_dict_resets_the_engine(tmp_path):
 
 def _emulated_graph_trainer(model, **kw):
     """A pipeline trainer whose engine takes the CUDA-graph code path with emulated graphs."""
-    from dgl_fast.engine import PipelinedEngine
-
-    tr = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline", **kw)
-    tr._engine = PipelinedEngine(tr, streams=False, graphs=True, warmup=2, emulate_graphs=True)
-    return tr
+    return dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, engine="pipeline", cuda_graphs="emulate", **kw)
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
@@ -313,7 +306,7 @@ def test_graph_code_path_equals_sequential(K):
     for x, y in data:
         out = tr.step(x, y)
     assert out.losses is None  # graph ticks keep metrics on the device
-    assert tr._engine._graph_state is not None
+    assert tr.schedule.graph_state is not None
     tr.flush()
     assert tr.stage_steps == [9] * K
     assert_same_state(tr.model, seq.model, rtol=0, atol=0)
@@ -331,8 +324,8 @@ def test_graph_code_path_fit_with_lr_changes_and_partial_batches():
     rs = seq.fit(spec.train, epochs=3, lr_schedule=lambda e: 0.5 ** e, progress=False)
     gr = _emulated_graph_trainer(model)
     rg = gr.fit(spec.train, epochs=3, lr_schedule=lambda e: 0.5 ** e, progress=False)
-    assert gr._engine._graph_state is not None and 200 % 32 != 0
-    assert gr._engine.captures == 3  # each learning rate is captured into the graphs once
+    assert gr.schedule.graph_state is not None and 200 % 32 != 0
+    assert gr.schedule.captures == 3  # each learning rate is captured into the graphs once
     assert_same_state(gr.model, seq.model, rtol=0, atol=0)
     for a, b in zip(rs, rg):
         assert a["stage_samples"] == b["stage_samples"] and a["lr"] == b["lr"]
@@ -349,5 +342,5 @@ def test_graph_code_path_bf16_channels_last():
     for x, y in data:
         tr.step(x, y)
     tr.flush()
-    assert tr._engine._graph_state is not None and tr.stage_steps == [8] * 3
+    assert tr.schedule.graph_state is not None and tr.stage_steps == [8] * 3
     assert_same_state(tr.model, seq.model, rtol=0, atol=0)

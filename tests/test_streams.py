@@ -63,7 +63,7 @@ def test_free_running_streams_equal_async_in_turn(graphs, schedule, K):
         hits += a.correct
     assert free.stage_steps == ref.stage_steps and min(ref.stage_steps) > 3
     if graphs:
-        assert all(st is not None for st in free._async_graphs.stages)  # every stage replayed its graph
+        assert all(st is not None for st in free.schedule.graphs.stages)  # every stage replayed its graph
     for pa, pb in zip(ref.model.state_dict().values(), free.model.state_dict().values()):
         assert torch.equal(pa, pb)
     means, correct, samples = free.read_metrics()

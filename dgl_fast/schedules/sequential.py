@@ -1,0 +1,52 @@
+"""The reference schedule: every stage of a batch in turn, on the current stream.
+
+``mode="dgl"`` trains stage 1 to K on each batch (synchronous DGL: the parameters every faster
+schedule must reproduce); ``"sequential"`` trains only the active stage, the earlier ones frozen
+(sequential greedy); ``"backprop"`` runs end-to-end backprop on the last head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Schedule, StepOutput, stack_output
+
+__all__ = ["SequentialSchedule"]
+
+
+class SequentialSchedule(Schedule):
+    """Args: ``mode`` (``"dgl"``, ``"sequential"``, ``"backprop"``), the stage ``steps`` (dgl,
+    sequential) or the ``backprop_step``, ``K`` and the device. ``active_stage`` is the stage the
+    sequential mode trains (set by the caller)."""
+
+    def __init__(self, mode: str, steps: list, backprop_step, K: int, device: torch.device):
+        super().__init__(K, device)
+        self.mode, self.steps, self.backprop_step = mode, steps, backprop_step
+        self.active_stage = 0
+
+    def feed(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        K = self.K
+        losses, correct = [None] * K, [None] * K
+        if self.mode == "dgl":
+            h = x
+            for j, step in enumerate(self.steps):
+                h, losses[j], correct[j] = step.step(h, y)
+        elif self.mode == "sequential":
+            j = self.active_stage
+            h = x
+            with torch.no_grad():
+                for step in self.steps[:j]:
+                    with step.autocast():
+                        h = step.stage(h)
+            _, losses[j], correct[j] = self.steps[j].step(h, y)
+        else:  # backprop
+            losses[K - 1], correct[K - 1] = self.backprop_step.step(x, y)
+        B = x.shape[0]
+        if self.mode == "dgl":
+            samples = (B,) * K
+        else:
+            trained = self.active_stage if self.mode == "sequential" else K - 1
+            samples = tuple(B if j == trained else 0 for j in range(K))
+        for j, n in enumerate(samples):
+            self.counts[j] += n > 0
+        return stack_output(losses, correct, B, samples, self.device)
