@@ -85,3 +85,21 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "noncontig":
         return torch.cat([x, x], dim=3)[..., ::2]
     return x
+
+
+def snapshot(trainer):
+    """Copies of a trainer's model and optimizer states, for :func:`assert_unchanged`."""
+    return copy.deepcopy(trainer.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+
+
+def assert_unchanged(trainer, snap):
+    """Every model tensor and optimizer state tensor is bitwise what :func:`snapshot` saw."""
+    model_state, opt_states = snap
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, model_state[k]), k
+    for opt, saved in zip(trainer.optimizers, opt_states):
+        now = opt.state_dict()["state"]
+        assert now.keys() == saved["state"].keys()
+        for i in now:
+            for name, v in now[i].items():
+                assert torch.equal(v, saved["state"][i][name]), (i, name)

@@ -7,23 +7,7 @@ import torch
 import torch.nn as nn
 
 import dgl_fast
-from helpers import batches, sgd, small_model
-
-
-def _snapshot(trainer):
-    return copy.deepcopy(trainer.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
-
-
-def _assert_unchanged(trainer, snap):
-    model_state, opt_states = snap
-    for k, v in trainer.model.state_dict().items():
-        assert torch.equal(v, model_state[k]), k
-    for opt, saved in zip(trainer.optimizers, opt_states):
-        now = opt.state_dict()["state"]
-        assert now.keys() == saved["state"].keys()
-        for i in now:
-            for name, v in now[i].items():
-                assert torch.equal(v, saved["state"][i][name]), (i, name)
+from helpers import assert_unchanged, batches, sgd, small_model, snapshot
 
 
 @pytest.fixture
@@ -48,11 +32,11 @@ def trainer():
 ])
 def test_bad_batch_changes_nothing(trainer, make, exc, match):
     x, y = batches(1, seed=5)[0]
-    snap = _snapshot(trainer)
+    snap = snapshot(trainer)
     step_before = trainer.global_step
     with pytest.raises(exc, match=match):
         trainer.step(*make(x, y))
-    _assert_unchanged(trainer, snap)
+    assert_unchanged(trainer, snap)
     assert trainer.global_step == step_before
 
 

@@ -16,23 +16,7 @@ import torch.nn as nn
 import dgl_fast
 from dgl_fast import checkpoint, data
 from dgl_fast.trainer import TrainingDiverged
-from helpers import batches, sgd, small_model
-
-
-def _snapshot(tr):
-    return copy.deepcopy(tr.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in tr.optimizers]
-
-
-def _assert_unchanged(tr, snap):
-    model, opts = snap
-    for k, v in tr.model.state_dict().items():
-        assert torch.equal(v, model[k]), k
-    for o, saved in zip(tr.optimizers, opts):
-        now = o.state_dict()["state"]
-        assert now.keys() == saved["state"].keys()
-        for i in now:
-            for name, v in now[i].items():
-                assert torch.equal(v, saved["state"][i][name]), (i, name)
+from helpers import assert_unchanged, batches, sgd, small_model, snapshot
 
 
 def _loader(n=30, seed=0, B=7):
@@ -86,10 +70,10 @@ def test_bad_hyperparameters_are_refused(make, match):
 @pytest.mark.parametrize("factor", [-0.5, float("nan"), float("inf"), "x"])
 def test_bad_schedule_factors_are_refused(mode, factor):
     tr = dgl_fast.Trainer(small_model(2), optimizer=sgd, mode=mode, buffer_capacity=1)
-    snap = _snapshot(tr)
+    snap = snapshot(tr)
     with pytest.raises(ValueError, match="lr_schedule"):
         tr.fit(_loader(), epochs=2, lr_schedule=lambda e: factor, progress=False)
-    _assert_unchanged(tr, snap)
+    assert_unchanged(tr, snap)
     with pytest.raises(ValueError, match="set_lr_factor: expected"):
         tr.set_lr_factor(factor)
 
@@ -124,10 +108,10 @@ def test_a_refused_load_changes_nothing(tmp_path, other, match):
     src.save(tmp_path / "a.pt")
     dst = dgl_fast.Trainer(build(**other.get("build", {})), optimizer=other.get("opt", sgd), mode=other.get("mode", "dgl"))
     dst.step(x, y if other.get("build", {}).get("num_classes", 5) > 4 else y % 4)
-    snap, epoch, step = _snapshot(dst), dst.epoch, dst.global_step
+    snap, epoch, step = snapshot(dst), dst.epoch, dst.global_step
     with pytest.raises(ValueError, match=match):
         dst.load(tmp_path / "a.pt")
-    _assert_unchanged(dst, snap)
+    assert_unchanged(dst, snap)
     assert (dst.epoch, dst.global_step) == (epoch, step)
 
 
