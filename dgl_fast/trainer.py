@@ -5,16 +5,15 @@
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections.abc import Callable, Iterable
 
 import torch
 
-from . import checkpoint, config
+from . import checkpoint, config, fitting
 from .config import MODES
 from .evaluation import accuracy
+from .fitting import TrainingDiverged
 from .model import DecoupledModel
 from .schedules import SCHEDULES, AsyncSchedule, PipelinedSchedule, SequentialSchedule, StepOutput
 from .stage import BackpropStep, StageStep
@@ -23,19 +22,6 @@ from .utils import BatchChecker, resolve_device
 __all__ = ["Trainer", "StepOutput", "TrainingDiverged", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
 _STATE_VERSION = 3
-
-
-class TrainingDiverged(RuntimeError):
-    """A stage's training loss became NaN or infinite; :meth:`Trainer.fit` stopped there.
-
-    Attributes: ``stage`` (1-based), ``steps`` (first, last): the steps between the last finite
-    reading and the one that found it, ``last_checkpoint``: ``(path, step)`` of the last
-    :meth:`Trainer.save`, written before the divergence (or None)."""
-
-    def __init__(self, message: str, stage: int | None = None, steps: tuple[int, int] | None = None,
-                 last_checkpoint: tuple[str, int] | None = None):
-        super().__init__(message)
-        self.stage, self.steps, self.last_checkpoint = stage, steps, last_checkpoint
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -159,10 +145,10 @@ class Trainer:
         self.global_step = 0
         self.active_stage = 0  # the stage being trained in sequential mode
         self.history: list[dict] = []
-        self._fit_epochs: int | None = None  # sequential mode: the epochs per stage its plan was made with
+        #: sequential mode: the epochs per stage its run was planned with (fit refuses another)
+        self.planned_epochs: int | None = None
         #: (path, global step) of the last checkpoint :meth:`save` wrote
         self.last_checkpoint: tuple[str, int] | None = None
-        self._fit_weights: dict = {}  # per-stage sample counts as device tensors, by value
         self._train_modes_for: int | None = None  # the stage set up by set_train_modes (None: redo)
 
     def _make_schedule(self, cfg: config.Config, K: int):
@@ -272,117 +258,7 @@ class Trainer:
         (greedy) run keeps the epochs per stage it was planned with: resuming it with another
         ``epochs`` is refused rather than silently re-planned.
         """
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-            raise ValueError(f"log_every must be a positive int, got {log_every!r}")
-        if self.mode == "sequential":
-            if self._fit_epochs is not None and self.epoch > 0 and epochs != self._fit_epochs:
-                raise ValueError(f"this sequential run was planned with epochs={self._fit_epochs} per stage and is at "
-                                 f"epoch {self.epoch} of {self._fit_epochs * self.model.num_stages}; fit(epochs={epochs}) "
-                                 f"would re-plan its stages: resume with epochs={self._fit_epochs}")
-            self._fit_epochs = epochs
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        schedule = lr_schedule or self.lr_schedule or (lambda e: 1.0)
-        K = self.model.num_stages
-        total = epochs * (K if self.mode == "sequential" else 1)
-        records = []
-        while self.epoch < total:
-            if self.mode == "sequential":
-                self.active_stage, local_epoch = divmod(self.epoch, epochs)
-            else:
-                local_epoch = self.epoch
-            factor = config.check_factor(schedule(local_epoch), f"lr_schedule({local_epoch})")
-            if self.mode == "async":
-                self.schedule.set_lr_schedule(schedule, len(train_loader) if hasattr(train_loader, "__len__") else None,
-                                              config.check_factor)
-            else:
-                self.set_lr_factor(factor)
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(self.epoch)
-            loss_sum = torch.zeros(K, dtype=torch.float64, device=self.device)
-            hits = torch.zeros(K, dtype=torch.long, device=self.device)
-            seen, per_stage = 0, [0] * K
-            batch_size = None
-            start = time.perf_counter()
-            checked = self.global_step  # the last step whose losses were read finite
-            desc = f"epoch {self.epoch + 1}/{total}" + (f" stage {self.active_stage + 1}" if self.mode == "sequential" else "")
-            bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-            accumulates = self.schedule.accumulates
-            self.schedule.collect = not accumulates
-
-            try:
-                for i, (x, y) in enumerate(bar):
-                    if self.mode == "async":
-                        batch_size = batch_size or x.shape[0]
-                        if x.shape[0] != batch_size:
-                            continue  # async buffers hold fixed-size batches: a final partial batch is skipped
-                    out = self.step(x, y)
-                    seen += out.batch_size
-                    if not accumulates:
-                        weights = self._fit_weights.get(out.samples)
-                        if weights is None:  # one host-to-device copy per distinct pattern, not per step
-                            weights = torch.tensor(out.samples, dtype=torch.float64).to(self.device)
-                            self._fit_weights[out.samples] = weights
-                        # idle stages report NaN with weight 0; a trained stage's NaN stays NaN
-                        loss_sum += torch.where(weights > 0, out.losses.double() * weights, 0.0)
-                        hits += out.correct
-                        per_stage = [a + b for a, b in zip(per_stage, out.samples)]
-                    if (i + 1) % log_every == 0:
-                        ls, hs, n = self._fit_sums(accumulates, loss_sum, hits, per_stage, reset=False)
-                        self._check_finite(ls, n, checked)
-                        checked = self.global_step
-                        if progress:
-                            bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / n[j]:.3f}/{100 * hs[j] / n[j]:.1f}%"
-                                                         for j in range(K) if n[j]))
-            finally:
-                self.schedule.collect = True
-            bar.close()
-            if seen == 0:
-                raise ValueError("the training loader yielded no batch")
-            self.flush()  # the epoch's last batches leave the pipeline
-            ls, hs, per_stage = self._fit_sums(accumulates, loss_sum, hits, per_stage, reset=True)
-            self._check_finite(ls, per_stage, checked)
-            elapsed = time.perf_counter() - start
-            losses = [ls[j] / per_stage[j] if per_stage[j] else None for j in range(K)]
-            record = {
-                "epoch": self.epoch + 1,
-                "stage": self.active_stage + 1 if self.mode == "sequential" else None,
-                "lr": [g["lr"] for g in self.optimizers[min(self.active_stage, len(self.optimizers) - 1)].param_groups][0],
-                "train_loss": losses,
-                "train_acc": [hs[j] / per_stage[j] if per_stage[j] else None for j in range(K)],
-                "stage_samples": per_stage,
-                "time_s": elapsed,
-                "images_per_s": seen / elapsed if elapsed > 0 else None,
-            }
-            if eval_loader is not None:
-                record["test_acc"] = self.evaluate(eval_loader)
-            self.epoch += 1
-            self.history.append(record)
-            records.append(record)
-            if callback is not None:
-                callback(record)
-        return records
-
-    def _fit_sums(self, accumulates: bool, loss_sum, hits, per_stage, reset: bool):
-        """Per-stage (loss sum, correct, samples) of the epoch so far (a host sync)."""
-        if accumulates:
-            means, hs, n = self.read_metrics(reset=reset)
-            return [m * k for m, k in zip(means, n)], hs, n
-        return loss_sum.tolist(), hits.tolist(), per_stage
-
-    def _check_finite(self, loss_sums: list[float], samples: list[int], since: int) -> None:
-        for j, (total, n) in enumerate(zip(loss_sums, samples)):
-            if n and not math.isfinite(total):
-                last = self.last_checkpoint
-                where = (f"; the last checkpoint, {last[0]} (step {last[1]}), was written before it and is left "
-                         "untouched" if last is not None and last[1] <= since else "; no checkpoint was saved before it")
-                raise TrainingDiverged(
-                    f"training diverged: stage {j + 1}'s loss became {total} (NaN or infinite) between steps {since + 1} "
-                    f"and {self.global_step} (epoch {self.epoch + 1}); every parameter trained since may be non-finite"
-                    f"{where}. Lower the learning rate or check the inputs for NaN/inf.",
-                    stage=j + 1, steps=(since + 1, self.global_step), last_checkpoint=last)
+        return fitting.fit(self, train_loader, epochs, lr_schedule, eval_loader, log_every, progress, callback)
 
     def memory_report(self, x: torch.Tensor, y: torch.Tensor):
         """Bytes a training step on batch ``(x, y)`` keeps per stage (parameters, gradients,
@@ -423,7 +299,7 @@ class Trainer:
         return {"version": _STATE_VERSION, "mode": self.mode, "num_stages": self.model.num_stages,
                 "optimizer_types": [type(opt).__name__ for opt in self.optimizers], "model": self.model.state_dict(),
                 "optimizers": [opt.state_dict() for opt in self.optimizers], "epoch": self.epoch,
-                "global_step": self.global_step, "active_stage": self.active_stage, "fit_epochs": self._fit_epochs,
+                "global_step": self.global_step, "active_stage": self.active_stage, "fit_epochs": self.planned_epochs,
                 "history": self.history, "rng": checkpoint.rng_state(self.device), "stage_steps": list(self.stage_steps),
                 "schedule": self.schedule.state_dict()}
 
@@ -458,7 +334,7 @@ class Trainer:
         self.schedule.reset()
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
-        self._fit_epochs = state["fit_epochs"]
+        self.planned_epochs = state["fit_epochs"]
         self.stage_steps[:] = state["stage_steps"]
         checkpoint.set_rng_state(state["rng"], self.device)
         self._train_modes_for = None

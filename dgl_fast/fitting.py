@@ -1,0 +1,156 @@
+"""The epoch loop behind :meth:`dgl_fast.Trainer.fit`: learning-rate schedule, progress bar,
+per-stage metrics read every few steps, the divergence guard and the per-epoch records."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .config import check_factor
+
+__all__ = ["TrainingDiverged", "fit"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A stage's training loss became NaN or infinite; :meth:`Trainer.fit` stopped there.
+
+    Attributes: ``stage`` (1-based), ``steps`` (first, last): the steps between the last finite
+    reading and the one that found it, ``last_checkpoint``: ``(path, step)`` of the last
+    :meth:`Trainer.save`, written before the divergence (or None)."""
+
+    def __init__(self, message: str, stage: int | None = None, steps: tuple[int, int] | None = None,
+                 last_checkpoint: tuple[str, int] | None = None):
+        super().__init__(message)
+        self.stage, self.steps, self.last_checkpoint = stage, steps, last_checkpoint
+
+
+class _EpochSums:
+    """Per-stage loss sums, correct counts and samples of an epoch: summed here from each step's
+    output, or (schedules that accumulate on the device) read from the schedule."""
+
+    def __init__(self, trainer, K: int):
+        self.tr, self.K = trainer, K
+        self.accumulates = trainer.schedule.accumulates
+        self.loss = torch.zeros(K, dtype=torch.float64, device=trainer.device)
+        self.hits = torch.zeros(K, dtype=torch.long, device=trainer.device)
+        self.samples = [0] * K
+        self._weights: dict = {}  # per-stage sample counts as device tensors, by value
+
+    def add(self, out) -> None:
+        if self.accumulates:
+            return
+        weights = self._weights.get(out.samples)
+        if weights is None:  # one host-to-device copy per distinct pattern, not per step
+            weights = self._weights[out.samples] = torch.tensor(out.samples, dtype=torch.float64).to(self.loss.device)
+        # idle stages report NaN with weight 0; a trained stage's NaN stays NaN (never nan_to_num)
+        self.loss += torch.where(weights > 0, out.losses.double() * weights, 0.0)
+        self.hits += out.correct
+        self.samples = [a + b for a, b in zip(self.samples, out.samples)]
+
+    def read(self, reset: bool) -> tuple[list[float], list[int], list[int]]:
+        """(loss sums, correct, samples) per stage so far: a host sync."""
+        if self.accumulates:
+            means, hits, n = self.tr.read_metrics(reset=reset)
+            return [m * k for m, k in zip(means, n)], hits, n
+        return self.loss.tolist(), self.hits.tolist(), self.samples
+
+
+def _check_finite(tr, loss_sums: list[float], samples: list[int], since: int) -> None:
+    for j, (total, n) in enumerate(zip(loss_sums, samples)):
+        if n and not math.isfinite(total):
+            last = tr.last_checkpoint
+            where = (f"; the last checkpoint, {last[0]} (step {last[1]}), was written before it and is left untouched"
+                     if last is not None and last[1] <= since else "; no checkpoint was saved before it")
+            raise TrainingDiverged(
+                f"training diverged: stage {j + 1}'s loss became {total} (NaN or infinite) between steps {since + 1} "
+                f"and {tr.global_step} (epoch {tr.epoch + 1}); every parameter trained since may be non-finite"
+                f"{where}. Lower the learning rate or check the inputs for NaN/inf.",
+                stage=j + 1, steps=(since + 1, tr.global_step), last_checkpoint=last)
+
+
+def _epoch(tr, loader: Iterable, total: int, log_every: int, progress: bool) -> dict:
+    """Train one epoch; returns its record (without test accuracy)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    K = tr.model.num_stages
+    sums = _EpochSums(tr, K)
+    seen, batch_size, start = 0, None, time.perf_counter()
+    checked = tr.global_step  # the last step whose losses were read finite
+    desc = f"epoch {tr.epoch + 1}/{total}" + (f" stage {tr.active_stage + 1}" if tr.mode == "sequential" else "")
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    tr.schedule.collect = not sums.accumulates
+    try:
+        for i, (x, y) in enumerate(bar):
+            if tr.mode == "async":
+                batch_size = batch_size or x.shape[0]
+                if x.shape[0] != batch_size:
+                    continue  # async buffers hold fixed-size batches: a final partial batch is skipped
+            out = tr.step(x, y)
+            seen += out.batch_size
+            sums.add(out)
+            if (i + 1) % log_every == 0:
+                ls, hs, n = sums.read(reset=False)
+                _check_finite(tr, ls, n, checked)
+                checked = tr.global_step
+                if progress:
+                    bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / n[j]:.3f}/{100 * hs[j] / n[j]:.1f}%"
+                                                 for j in range(K) if n[j]))
+    finally:
+        tr.schedule.collect = True
+    bar.close()
+    if seen == 0:
+        raise ValueError("the training loader yielded no batch")
+    tr.flush()  # the epoch's last batches leave the pipeline
+    ls, hs, n = sums.read(reset=True)
+    _check_finite(tr, ls, n, checked)
+    elapsed = time.perf_counter() - start
+    opt = tr.optimizers[min(tr.active_stage, len(tr.optimizers) - 1)]
+    return {"epoch": tr.epoch + 1, "stage": tr.active_stage + 1 if tr.mode == "sequential" else None,
+            "lr": opt.param_groups[0]["lr"], "train_loss": [ls[j] / n[j] if n[j] else None for j in range(K)],
+            "train_acc": [hs[j] / n[j] if n[j] else None for j in range(K)], "stage_samples": n,
+            "time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else None}
+
+
+def fit(tr, train_loader: Iterable, epochs: int, lr_schedule: Callable[[int], float] | None = None,
+        eval_loader: Iterable | None = None, log_every: int = 20, progress: bool = True,
+        callback: Callable[[dict], None] | None = None) -> list[dict]:
+    """:meth:`dgl_fast.Trainer.fit` (see there)."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+        raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    if tr.mode == "sequential":
+        plan = tr.planned_epochs
+        if plan is not None and tr.epoch > 0 and epochs != plan:
+            raise ValueError(f"this sequential run was planned with epochs={plan} per stage and is at epoch {tr.epoch} "
+                             f"of {plan * tr.model.num_stages}; fit(epochs={epochs}) would re-plan its stages: resume "
+                             f"with epochs={plan}")
+        tr.planned_epochs = epochs
+    schedule = lr_schedule or tr.lr_schedule or (lambda e: 1.0)
+    total = epochs * (tr.model.num_stages if tr.mode == "sequential" else 1)
+    records = []
+    while tr.epoch < total:
+        if tr.mode == "sequential":
+            tr.active_stage, local_epoch = divmod(tr.epoch, epochs)
+        else:
+            local_epoch = tr.epoch
+        factor = check_factor(schedule(local_epoch), f"lr_schedule({local_epoch})")
+        if tr.mode == "async":  # each stage follows the schedule by its own epoch count
+            tr.schedule.set_lr_schedule(schedule, len(train_loader) if hasattr(train_loader, "__len__") else None,
+                                        check_factor)
+        else:
+            tr.set_lr_factor(factor)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(tr.epoch)
+        record = _epoch(tr, train_loader, total, log_every, progress)
+        if eval_loader is not None:
+            record["test_acc"] = tr.evaluate(eval_loader)
+        tr.epoch += 1
+        tr.history.append(record)
+        records.append(record)
+        if callback is not None:
+            callback(record)
+    return records
