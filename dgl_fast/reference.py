@@ -51,6 +51,31 @@ def replay_select(uses: list[int], stamps: list[int], count: int, policy: str, m
     return pick(ties, key=lambda s: stamps[s])
 
 
+class ReplayRing:
+    """Reference of the whole replay ring (``replay_push`` / ``replay_sample`` on a
+    :class:`~dgl_fast.ReplayBuffer`): plain Python state, any items, the same slot choices."""
+
+    def __init__(self, capacity: int, policy: str, max_reuse: int | None = None, seed: int = 0):
+        self.M, self.policy, self.max_reuse, self.seed = capacity, policy, max_reuse, seed
+        self.head = self.count = self.pushes = self.samples = 0
+        self.uses, self.stamps, self.data = [0] * capacity, [0] * capacity, [None] * capacity
+
+    def push(self, item) -> int:
+        """Store ``item`` at the head; returns its slot."""
+        s = self.head
+        self.data[s], self.uses[s], self.stamps[s] = item, 0, self.pushes + 1
+        self.head, self.count, self.pushes = (s + 1) % self.M, min(self.count + 1, self.M), self.pushes + 1
+        return s
+
+    def sample(self) -> int:
+        """The slot the policy picks (its use counted), or -1 when ``max_reuse`` left none."""
+        s = replay_select(self.uses, self.stamps, self.count, self.policy, self.max_reuse, self.seed, self.samples)
+        self.samples += 1
+        if s >= 0:
+            self.uses[s] += 1
+        return s
+
+
 def aux_pool(x: torch.Tensor, out_size: tuple[int, int], channels_last_out: bool = False) -> torch.Tensor:
     """Reference of ``torch.ops.dgl_fast.aux_pool``: ``F.adaptive_avg_pool2d``."""
     fmt = torch.channels_last if channels_last_out else torch.contiguous_format

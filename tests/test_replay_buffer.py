@@ -11,27 +11,6 @@ from dgl_fast import ReplayBuffer, reference
 POLICIES = ["priority_lifo", "fifo", "uniform"]
 
 
-class PyRing:
-    """Plain-Python model of the ring: the reference the ops are checked against."""
-
-    def __init__(self, M, policy, max_reuse, seed):
-        self.M, self.policy, self.max_reuse, self.seed = M, policy, max_reuse, seed
-        self.head = self.count = self.pushes = self.samples = 0
-        self.uses, self.stamps, self.data = [0] * M, [0] * M, [None] * M
-
-    def push(self, item):
-        s = self.head
-        self.data[s], self.uses[s], self.stamps[s] = item, 0, self.pushes + 1
-        self.head, self.count, self.pushes = (s + 1) % self.M, min(self.count + 1, self.M), self.pushes + 1
-
-    def sample(self):
-        s = reference.replay_select(self.uses, self.stamps, self.count, self.policy, self.max_reuse, self.seed, self.samples)
-        self.samples += 1
-        if s >= 0:
-            self.uses[s] += 1
-        return s
-
-
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("max_reuse", [None, 1, 3])
 @pytest.mark.parametrize("M", [1, 4, 7])
@@ -39,7 +18,7 @@ def test_policy_matches_python_reference(device, policy, max_reuse, M):
     rnd = random.Random(M * 31 + (max_reuse or 0))
     B, shape = 3, (3, 2, 5)
     buf = ReplayBuffer(M, shape, device=device, policy=policy, max_reuse=max_reuse, seed=11)
-    ring = PyRing(M, policy, max_reuse, 11)
+    ring = reference.ReplayRing(M, policy, max_reuse, 11)
     pushed = {}
     for t in range(120):  # random interleaving with wrap-around
         if buf.pushes == 0 or rnd.random() < 0.4:
