@@ -25,11 +25,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import RESULTS, device_tag, env_header, graph_of, md_header  # noqa: E402
-
-import dgl_fast  # noqa: E402
+import dgl_fast
+from dgl_fast.bench.common import RESULTS, device_tag, env_header, graph_of, md_header, md_table
 
 
 def sync(device):
@@ -67,12 +64,14 @@ def table(events, steps: int, title: str, wall_us: float, launches: int, cuda: b
     what = "kernels" if cuda else "CPU ops (dry run: no device)"
     lines = [f"## {title}", "",
              f"{count / steps:.1f} {what} per step, device time {total_us / steps:.1f} us per step "
-             f"(sum of {what}), wall {wall_us:.1f} us per step, {launches / steps:.1f} host launch calls per step.", "",
-             "| kernel | per step | total us | mean us | % of device time |", "|---|---|---|---|---|"]
-    for name, (n, t) in rows:
-        short = name if len(name) <= 110 else name[:107] + "..."
-        short = short.replace("|", "\\|")
-        lines.append(f"| `{short}` | {n / steps:.2f} | {t:.1f} | {t / n:.2f} | {100 * t / max(total_us, 1e-9):.1f} |")
+             f"(sum of {what}), wall {wall_us:.1f} us per step, {launches / steps:.1f} host launch calls per step.", ""]
+
+    def short(name):
+        return (name if len(name) <= 110 else name[:107] + "...").replace("|", "\\|")
+
+    lines += md_table(["kernel", "per step", "total us", "mean us", "% of device time"],
+                      [[f"`{short(name)}`", f"{n / steps:.2f}", f"{t:.1f}", f"{t / n:.2f}",
+                        f"{100 * t / max(total_us, 1e-9):.1f}"] for name, (n, t) in rows])
     data = {"title": title, "steps": steps, "per_step": count / steps, "device_us_per_step": total_us / steps,
             "wall_us_per_step": wall_us, "launch_calls_per_step": launches / steps,
             "kernels": [{"name": name, "count": n, "total_us": t, "mean_us": t / n} for name, (n, t) in rows]}

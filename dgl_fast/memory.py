@@ -21,7 +21,7 @@ double-buffered hand-offs (the streams engine); ``backprop`` (the stages and the
 optimizer) = resident + the largest, over the backward's position j, of the activations of stages
 1..j (inputs included) + the gradients of stages j..K (+ the last head's activations at j = K).
 Workspaces of cuDNN / cuBLAS and allocator fragmentation are not included: on a GPU,
-``benchmarks/bench_overlap.py`` reports the allocator's measured peaks beside these figures.
+``python -m dgl_fast bench overlap`` reports the allocator's measured peaks beside these figures.
 """
 
 from __future__ import annotations

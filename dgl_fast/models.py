@@ -30,7 +30,8 @@ from .model import DecoupledModel
 
 __all__ = ["build", "available"]
 
-_VGG = {
+#: the VGG layer plans: channel counts, "M" for a 2x2 max-pool
+VGG_CONFIGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
@@ -42,7 +43,7 @@ _TV_RESNET = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 def available() -> list[str]:
     """Names accepted by :func:`build`."""
-    return ["aux-study", *_VGG, *_CIFAR_RESNET, *_TV_RESNET]
+    return ["aux-study", *VGG_CONFIGS, *_CIFAR_RESNET, *_TV_RESNET]
 
 
 def _conv_bn_relu(cin: int, cout: int, bias: bool = False) -> list[nn.Module]:
@@ -167,13 +168,13 @@ def build(name: str, num_classes: int = 10, *, block_size: int | None = None, st
         if val is not None and (not isinstance(val, int) or val < 1):
             raise ValueError(f"{arg} must be a positive int, got {val!r}")
 
-    if name == "aux-study" or name in _VGG:
+    if name == "aux-study" or name in VGG_CONFIGS:
         if name == "aux-study":
             layers = _aux_study_layers(depth or 6, width or 128, in_channels)
         else:
             if depth is not None:
                 raise ValueError(f"{name} has a fixed depth; drop depth={depth}")
-            layers = _vgg_layers(_VGG[name], in_channels, (width or 64) / 64)
+            layers = _vgg_layers(VGG_CONFIGS[name], in_channels, (width or 64) / 64)
         if stages is not None:
             groups = _chunks(len(layers), stages, "layers")
         else:

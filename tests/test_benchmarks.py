@@ -1,6 +1,13 @@
-"""Benchmarks stay runnable: a quick smoke run of each on this machine's device (no files written)."""
+"""Benchmarks stay runnable: a quick smoke run of each on this machine's device (no files written),
+from the package (dgl_fast.bench), with their results under the current directory or --out-dir."""
 
-from dgl_fast import cli
+import importlib
+import json
+import os
+import pkgutil
+
+from dgl_fast import bench, cli
+from dgl_fast.bench.common import md_table
 
 
 def test_bench_replay_quick(capsys):
@@ -36,6 +43,35 @@ def test_bench_memory_quick(capsys):
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
     assert "no benchmark 'nosuch'; expected one of accuracy, aux_head, memory, overlap, replay" in capsys.readouterr().err
+
+
+def test_bench_names_are_the_package_modules():
+    """`bench NAME` runs dgl_fast.bench.NAME.main: the list of names is every module of the package with a main."""
+    found = {m.name for m in pkgutil.iter_modules(bench.__path__)}
+    assert set(bench.NAMES) <= found
+    assert {n for n in found if hasattr(importlib.import_module(f"dgl_fast.bench.{n}"), "main")} == set(bench.NAMES)
+
+
+def test_bench_results_go_under_the_current_directory_or_out_dir(tmp_path, monkeypatch, capsys):
+    """No checkout needed: benchmarks/results/ relative to where it runs, or --out-dir; same names and format."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "memory", "--quick", "--precisions", "fp32"]) == 0
+    results = tmp_path / "benchmarks" / "results"
+    assert sorted(os.listdir(results)) == ["memory-cpu.json", "memory-cpu.md"]
+    payload = json.loads((results / "memory-cpu.json").read_text())
+    assert set(payload) == {"header", "rows"}
+    assert set(payload["header"]) == {"device", "torch", "cuda", "dgl_fast", "build", "python", "command", "date"}
+    assert payload["header"]["command"] == "python -m dgl_fast bench memory --quick --precisions fp32"
+    md = (results / "memory-cpu.md").read_text()
+    assert md.startswith("# Memory of a training step") and "| aux-study-k3 | 3 | 8 | fp32 |" in md
+    assert cli.main(["bench", "memory", "--quick", "--precisions", "fp32", "--out-dir", "elsewhere/r"]) == 0
+    assert sorted(os.listdir(tmp_path / "elsewhere" / "r")) == ["memory-cpu.json", "memory-cpu.md"]
+    assert "wrote elsewhere/r/memory-cpu.json elsewhere/r/memory-cpu.md" in capsys.readouterr().out
+
+
+def test_md_table():
+    assert md_table(["a", "b"], [[1, "x"], [2.5, [4, 8]]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | [4, 8] |"]
+    assert md_table(["only"], []) == ["| only |", "|---|"]
 
 
 def test_bench_size_options_are_checked(capsys):

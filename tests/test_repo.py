@@ -39,3 +39,79 @@ def test_cuda_code_is_shared_with_the_emulator():
             assert f'#include "cuda/{header}"' in emulated, f"{header} is not run by tests/simt"
         elif f != "launch.cuh":
             assert "<<<" not in text and "c10/cuda" not in text, f
+
+
+def _package_modules():
+    """{module name: source} of every module under dgl_fast/ (a package by its own name)."""
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "dgl_fast")):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
+                with open(os.path.join(dirpath, f)) as fh:
+                    out[rel.removesuffix(".__init__")] = fh.read()
+    return out
+
+
+def _imports(name: str, source: str):
+    """(imported module, imported names) of every import in ``source``, relative ones resolved."""
+    import ast
+
+    is_pkg = name in _PACKAGES
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            yield mod, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+
+
+_PACKAGES = {"dgl_fast", "dgl_fast.schedules", "dgl_fast.bench"}
+
+
+def test_architecture_rules():
+    """Issue 11's rules: no module over about 400 lines, no import of another module's private
+    name, no circle in the import graph of dgl_fast."""
+    mods = _package_modules()
+    assert {"dgl_fast.trainer", "dgl_fast.stage", "dgl_fast.config", "dgl_fast.schedules.base"} <= set(mods)
+    for name, src in mods.items():
+        assert src.count("\n") <= 420, f"{name} has {src.count(chr(10))} lines"
+    graph = {}
+    for name, src in mods.items():
+        edges = set()
+        for mod, names in _imports(name, src):
+            if not mod.startswith("dgl_fast"):
+                continue
+            for n in names:
+                # a private name of another module; the package's own private modules (_C, the
+                # compiled library, and _native, which loads it) are modules, not names
+                private_module = f"{mod}.{n}" in mods or (mod == "dgl_fast" and n == "_C")
+                assert not n.startswith("_") or private_module, f"{name} imports private {mod}.{n}"
+                if f"{mod}.{n}" in mods:  # `from . import ops` imports a module
+                    edges.add(f"{mod}.{n}")
+            if mod in mods and mod != name and not all(f"{mod}.{n}" in mods for n in names or ["*"]):
+                edges.add(mod)  # (`from . import ops` depends on dgl_fast.ops, not on the package)
+        graph[name] = edges
+    # a package's __init__ re-exporting its own modules is not a circle through them
+    for pkg in _PACKAGES:
+        for child in list(graph.get(pkg, ())):
+            graph[child] = {e for e in graph.get(child, ()) if e != pkg}
+    state = {}
+
+    def visit(n, path):
+        state[n] = 1
+        for m in graph.get(n, ()):
+            assert state.get(m) != 1, f"import circle: {' -> '.join(path + [m])}"
+            if m not in state:
+                visit(m, path + [m])
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [n])

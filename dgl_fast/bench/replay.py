@@ -1,7 +1,7 @@
 """Replay buffer microbenchmarks and the asynchronous trainer against the authors' way.
 
-    python benchmarks/bench_replay.py             # full run on the GPU, writes benchmarks/results/replay-<gpu>.*
-    python benchmarks/bench_replay.py --quick     # tiny shapes (a smoke run; works on CPU)
+    python -m dgl_fast bench replay             # full run on the GPU, writes benchmarks/results/replay-<gpu>.*
+    python -m dgl_fast bench replay --quick     # tiny shapes (a smoke run; works on CPU)
 
 Part 1, push and sample: for the buffers of VGG-13 (K=4) and the aux-study net (K=6) at batch 128
 and 512, fp32 and bf16 storage: dgl_fast's ops eager and inside a CUDA graph, ``index_copy_`` /
@@ -16,20 +16,16 @@ width 256, batch 128, buffer 30, noise 0.1 on stage 3): stage-steps per second o
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dgl_fast
 
-from authors_async import AuthorsAsyncDGL, HostReplayBuffer  # noqa: E402
-from common import cell, copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
-
-import dgl_fast  # noqa: E402
+from .authors_async import AuthorsAsyncDGL, HostReplayBuffer
+from .common import cell, command_line, copy_bandwidth_gbs, env_header, graph_of, md_header, md_table, parser, publish, time_us
 
 STAGE_SHAPES = {  # per-sample outputs of the stages that feed a buffer
     "vgg13-k4": [(128, 16, 16), (256, 8, 8), (512, 2, 2)],
@@ -159,35 +155,31 @@ def bench_async(device, batch, capacity, steps, width, quick):
 def markdown(header, ceiling, rows, asy) -> str:
     lines = md_header(header, "Replay buffer benchmark",
                       f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s (read + write).")
-    lines += ["| net | batch shape | storage | push us | sample us | push GB/s (% copy) | sample GB/s (% copy) |"
-             " push graph us | sample graph us | index_copy_ us | index_select us | host push us | host sample us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['net']} | {r['shape']} | {r['storage']} | {r['push_us']:.1f} | {r['sample_us']:.1f} | "
-                     f"{r['push_gbs']:.0f} ({100 * r['push_frac_of_copy']:.0f}%) | "
-                     f"{r['sample_gbs']:.0f} ({100 * r['sample_frac_of_copy']:.0f}%) | {cell(r, 'push_graph_us')} | "
-                     f"{cell(r, 'sample_graph_us')} | {cell(r, 'index_copy_us')} | {cell(r, 'index_select_us')} | "
-                     f"{cell(r, 'host_push_us')} | {cell(r, 'host_sample_us')} |")
-    lines += ["", "## Asynchronous DGL, authors' configuration", "",
-              f"config: {asy['config']}", "",
-              "| dgl_fast Trainer(mode='async') | stage-steps/s | the authors' way (host buffer, eager, sync per step) "
-              "| speedup |",
-              "|---|---|---|---|"]
-    for name, rate in asy["dgl_fast_by_engine"].items():
-        lines.append(f"| {name} | {rate:.1f} | {asy['authors_way_stage_steps_per_s']:.1f} | "
-                     f"{rate / asy['authors_way_stage_steps_per_s']:.1f}x |")
+    baselines = ("push_graph_us", "sample_graph_us", "index_copy_us", "index_select_us", "host_push_us", "host_sample_us")
+    lines += md_table(["net", "batch shape", "storage", "push us", "sample us", "push GB/s (% copy)",
+                       "sample GB/s (% copy)", "push graph us", "sample graph us", "index_copy_ us", "index_select us",
+                       "host push us", "host sample us"],
+                      [[r["net"], r["shape"], r["storage"], f"{r['push_us']:.1f}", f"{r['sample_us']:.1f}",
+                        f"{r['push_gbs']:.0f} ({100 * r['push_frac_of_copy']:.0f}%)",
+                        f"{r['sample_gbs']:.0f} ({100 * r['sample_frac_of_copy']:.0f}%)",
+                        *(cell(r, k) for k in baselines)] for r in rows])
+    theirs = asy["authors_way_stage_steps_per_s"]
+    lines += ["", "## Asynchronous DGL, authors' configuration", "", f"config: {asy['config']}", ""]
+    lines += md_table(["dgl_fast Trainer(mode='async')", "stage-steps/s",
+                       "the authors' way (host buffer, eager, sync per step)", "speedup"],
+                      [[name, f"{rate:.1f}", f"{theirs:.1f}", f"{rate / theirs:.1f}x"]
+                       for name, rate in asy["dgl_fast_by_engine"].items()])
     lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("replay", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
-    p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    header = env_header(device)
+    header = env_header(device, command_line(p, argv))
     shapes = {"tiny": [(8, 4, 4)]} if args.quick else STAGE_SHAPES
     if args.quick:
         batches, reps, capacity, steps, width = [4], 3, 2, 30, 4
@@ -196,12 +188,8 @@ def main(argv=None) -> int:
     ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
     rows = bench_ops(device, shapes, batches, [torch.float32, torch.bfloat16], capacity, ceiling, reps)
     asy = bench_async(device, 4 if args.quick else 128, 3 if args.quick else 30, steps, width, args.quick)
-    md = markdown(header, ceiling, rows, asy)
-    print(md)
-    if not args.no_write:
-        paths = write_results("replay", device, {"header": header, "copy_gbs": ceiling, "ops": rows, "async": asy}, md)
-        print("wrote", *paths)
-    return 0
+    return publish(args, "replay", device, {"header": header, "copy_gbs": ceiling, "ops": rows, "async": asy},
+                   markdown(header, ceiling, rows, asy))
 
 
 if __name__ == "__main__":

@@ -17,20 +17,16 @@ PNG of the speedup over backprop-in-a-graph per configuration.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dgl_fast
+from dgl_fast.schedules import GraphSGD
 
-from common import RESULTS, device_tag, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
-
-import dgl_fast  # noqa: E402
-from dgl_fast.schedules import GraphSGD  # noqa: E402
+from .common import cell, command_line, env_header, graph_of, md_header, md_table, parser, publish, time_us
 
 CONFIGS = [("vgg13", dict(block_size=3), "vgg13-k4"), ("vgg13", dict(stages=2), "vgg13-k2"),
            ("vgg13", dict(stages=8), "vgg13-k8"), ("aux-study", dict(), "aux-study-k6")]
@@ -242,35 +238,33 @@ def markdown(header, rows) -> str:
     present = [c for c in cols if any(c in r for r in rows)]
     lines = md_header(header, "Stage overlap",
                       "Images per second (higher is better); speedups of the best DGL engine over each baseline.")
-    lines += ["| config | K | batch | precision | " + " | ".join(present) +
-             " | x backprop graph | x authors' way | overlap eff. | mem DGL / backprop MiB |",
-             "|" + "---|" * (7 + len(present) + 1)]
-    for r in rows:
-        vals = " | ".join(f"{r[c]:.0f}" if c in r else "-" for c in present)
+
+    def row(r):
         mem = (f"{r['mem_dgl_mib']:.0f} / {r['mem_backprop_mib']:.0f}" if r.get("mem_dgl_mib") is not None else "-")
-        lines.append(f"| {r['config']} | {r['K']} | {r['batch']} | {r['precision']} | {vals} | "
-                     f"{r.get('speedup_vs_backprop_graph', float('nan')):.2f} | "
-                     f"{r.get('speedup_vs_dgl_authors_way', float('nan')):.2f} | "
-                     f"{r.get('overlap_efficiency', float('nan')):.2f} | {mem} |")
+        ratios = ("speedup_vs_backprop_graph", "speedup_vs_dgl_authors_way", "overlap_efficiency")
+        return [r["config"], r["K"], r["batch"], r["precision"], *(cell(r, c, ".0f") for c in present),
+                *(f"{r.get(k, float('nan')):.2f}" for k in ratios), mem]
+
+    lines += md_table(["config", "K", "batch", "precision", *present, "x backprop graph", "x authors' way",
+                       "overlap eff.", "mem DGL / backprop MiB"], map(row, rows))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("overlap", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny aux-study model, batch 8, few steps (smoke run)")
     p.add_argument("--batches", default="32,128,512")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--configs", default=",".join(t for *_, t in CONFIGS))
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--no-write", action="store_true")
     p.add_argument("--cases", default=None,
                    help="comma-separated CONFIG:BATCH:PRECISION runs (e.g. vgg13-k4:128:fp32) instead of every "
                         "combination of --configs, --batches and --precisions; checked, then replaced by the tiny "
                         "run, with --quick")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    header = env_header(device)
+    header = env_header(device, command_line(p, argv))
     by_tag = {c[2]: c for c in CONFIGS}
     runs = None
     if args.cases:
@@ -296,13 +290,8 @@ def main(argv=None) -> int:
     for name, kw, tag, batch, precision in runs:
         rows.append(bench_config(name, kw, tag, batch, precision, device, steps, warmup, args.quick))
         print({k: v for k, v in rows[-1].items() if k != "timeline"}, flush=True)
-    md = markdown(header, rows)
-    print(md)
-    if not args.no_write:
-        paths = write_results("overlap", device, {"header": header, "rows": rows}, md)
-        paths += tuple(plot(rows, header, os.path.join(RESULTS, f"overlap-{device_tag(device)}")))
-        print("wrote", *paths)
-    return 0
+    return publish(args, "overlap", device, {"header": header, "rows": rows}, markdown(header, rows),
+                   extra=lambda base: plot(rows, header, base))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,50 @@
-"""Shared benchmark helpers: environment header, timing (CUDA events, median), copy ceiling, output."""
+"""Shared benchmark helpers: the options every benchmark takes, environment header, timing (CUDA
+events, median), copy ceiling, markdown tables and the results files."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Where results go unless --out-dir says otherwise: relative to the current directory, so that a
+# run from the repository root writes the checkout's benchmarks/results/.
+RESULTS = os.path.join("benchmarks", "results")
 
 
-def env_header(device: torch.device) -> dict:
-    """GPU (or CPU), versions, command and date: every results file starts with this."""
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``python -m dgl_fast bench NAME``: the module's docstring as help, and the
+    output options every benchmark shares (``--no-write``, ``--out-dir``)."""
+    p = argparse.ArgumentParser(prog=f"python -m dgl_fast bench {name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-write", action="store_true", help="print the report, write no results files")
+    p.add_argument("--out-dir", default=RESULTS,
+                   help="folder for <name>-<device>.json and .md (relative to the current directory)")
+    return p
+
+
+def command_line(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run, for the results header."""
+    return " ".join([p.prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+
+def env_header(device: torch.device, command: str | None = None) -> dict:
+    """GPU (or CPU), versions, command and date: every results file starts with this. ``command``
+    defaults to this process's command line."""
     import dgl_fast  # noqa: PLC0415
 
+    if command is None:
+        command = " ".join(["python", os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else sys.argv[0],
+                            *sys.argv[1:]])
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
         "device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -27,8 +53,7 @@ def env_header(device: torch.device) -> dict:
         "dgl_fast": dgl_fast.__version__,
         "build": dgl_fast.build_config(),
         "python": platform.python_version(),
-        "command": " ".join(["python", os.path.relpath(sys.argv[0]) if os.path.exists(sys.argv[0]) else sys.argv[0],
-                             *sys.argv[1:]]),
+        "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -97,17 +122,38 @@ def md_header(header: dict, title: str, *notes: str) -> list[str]:
     return lines
 
 
+def md_table(headers: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    """A markdown table: the header row, the separator, then one line per row (cells through ``str``)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return lines
+
+
 def cell(row: dict, key: str, fmt: str = ".1f") -> str:
     """A table cell: ``row[key]`` formatted, or "-" when this run did not measure it."""
     return format(row[key], fmt) if key in row else "-"
 
 
-def write_results(name: str, device: torch.device, payload: dict, markdown: str) -> tuple[str, str]:
-    """Write ``<name>-<gpu>.json`` and ``.md`` under benchmarks/results/."""
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"{name}-{device_tag(device)}")
+def write_results(name: str, device: torch.device, payload: dict, markdown: str,
+                  out_dir: str = RESULTS) -> tuple[str, str]:
+    """Write ``<name>-<device>.json`` and ``.md`` under ``out_dir`` (created when missing)."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{name}-{device_tag(device)}")
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(markdown)
     return base + ".json", base + ".md"
+
+
+def publish(args: argparse.Namespace, name: str, device: torch.device, payload: dict, markdown: str,
+            extra: Callable[[str], Iterable[str]] | None = None) -> int:
+    """Print the report and, unless ``--no-write``, write it under ``--out-dir`` (``extra(base)``
+    writes further files beside it, e.g. plots, and returns their paths). Returns exit status 0."""
+    print(markdown)
+    if not args.no_write:
+        paths = write_results(name, device, payload, markdown, args.out_dir)
+        if extra is not None:
+            paths += tuple(extra(os.path.splitext(paths[0])[0]))
+        print("wrote", *paths)
+    return 0

@@ -1,7 +1,7 @@
 """Auxiliary-head forward + backward: the fused ops against plain PyTorch, same GPU, same run.
 
-    python benchmarks/bench_aux_head.py            # full run on the GPU: benchmarks/results/aux_head-<gpu>.*
-    python benchmarks/bench_aux_head.py --quick    # tiny shapes, CPU-friendly smoke run
+    python -m dgl_fast bench aux_head            # full run on the GPU: benchmarks/results/aux_head-<gpu>.*
+    python -m dgl_fast bench aux_head --quick    # tiny shapes, CPU-friendly smoke run
 
 For each stage output of VGG-13 (K=4) and of the aux-study net, at batch 128 and 512, in float32
 and under bfloat16 autocast: one training step of the head (forward, cross-entropy, backward to
@@ -18,20 +18,16 @@ their gradients once) against the device copy bandwidth measured in the same run
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dgl_fast
 
-from common import cell, copy_bandwidth_gbs, env_header, graph_of, md_header, time_us, write_results  # noqa: E402
-
-import dgl_fast  # noqa: E402
+from .common import cell, command_line, copy_bandwidth_gbs, env_header, graph_of, md_header, md_table, parser, publish, time_us
 
 STAGES = {"vgg13-k4": [(128, 16), (256, 8), (512, 2)], "aux-study": [(128, 32), (256, 16), (512, 8)]}
 
@@ -88,32 +84,32 @@ def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
     return res
 
 
+TIMES = ("ref_eager_us", "ref_graph_us", "ref_compile_us", "fused_eager_us", "fused_graph_us")
+
+
 def markdown(header, ceiling, rows) -> str:
     lines = md_header(header, "Auxiliary-head forward + backward",
                       f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).")
-    lines += ["| kind | input | dtype | ref eager | ref graph | ref compile | fused eager | fused graph | "
-             "x vs ref graph | x vs ref eager | fused GB/s (% copy) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    for r in rows:
+    def row(r):
         best = r.get("fused_graph_us", r["fused_eager_us"])
         vs_graph = f"{r['ref_graph_us'] / best:.1f}x" if "ref_graph_us" in r else "-"
         gbs = r["fused_best_gbs"]
-        lines.append(f"| {r['kind']} | {r['shape']} | {r['dtype']} | {cell(r, 'ref_eager_us')} | {cell(r, 'ref_graph_us')} | "
-                     f"{cell(r, 'ref_compile_us')} | {cell(r, 'fused_eager_us')} | {cell(r, 'fused_graph_us')} | {vs_graph} | "
-                     f"{r['ref_eager_us'] / best:.1f}x | {gbs:.0f} ({100 * gbs / ceiling:.1f}%) |")
+        return [r["kind"], r["shape"], r["dtype"], *(cell(r, k) for k in TIMES), vs_graph,
+                f"{r['ref_eager_us'] / best:.1f}x", f"{gbs:.0f} ({100 * gbs / ceiling:.1f}%)"]
+
+    lines += md_table(["kind", "input", "dtype", "ref eager", "ref graph", "ref compile", "fused eager", "fused graph",
+                       "x vs ref graph", "x vs ref eager", "fused GB/s (% copy)"], map(row, rows))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("aux_head", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kinds", default="mlp-sr", help="comma-separated head kinds (mlp-sr, mlp, last)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-batches", default="128",
                    help="batches that also get the torch.compile baseline (each shape compiles anew)")
-    p.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results/")
     p.add_argument("--shapes", default=None,
                    help="comma-separated CxS stage outputs, e.g. 256x8 for [B, 256, 8, 8] (default: every stage of "
                         "VGG-13 K=4 and the aux-study net); checked, then replaced by 8x4, with --quick")
@@ -123,7 +119,7 @@ def main(argv=None) -> int:
                    help="comma-separated fp32, bf16 (bf16 autocast); default both on CUDA and with --quick, fp32 on CPU")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    header = env_header(device)
+    header = env_header(device, command_line(p, argv))
     kinds = args.kinds.split(",")
     if args.quick:
         stages, batches, reps = {"tiny": [(8, 4)]}, [4], 3
@@ -152,11 +148,8 @@ def main(argv=None) -> int:
     compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
     rows = [bench_case(device, kind, C, s, B, amp, compile_ref and B in compile_batches, reps)
             for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches for amp in amps]
-    md = markdown(header, ceiling, rows)
-    print(md)
-    if not args.no_write:
-        print("wrote", *write_results("aux_head", device, {"header": header, "copy_gbs": ceiling, "rows": rows}, md))
-    return 0
+    return publish(args, "aux_head", device, {"header": header, "copy_gbs": ceiling, "rows": rows},
+                   markdown(header, ceiling, rows))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the baseline, in one run: benchmarks/results/accuracy_mnist5k-<device>.json and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,11 +14,8 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import env_header, md_header, write_results  # noqa: E402
-
-from dgl_fast import cli  # noqa: E402
+from .. import cli
+from .common import command_line, env_header, md_header, md_table, parser, publish
 
 
 def run(mode: str, extra: list[str], device: str) -> dict:
@@ -32,29 +28,23 @@ def run(mode: str, extra: list[str], device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("accuracy", __doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     config = (["--model", "aux-study", "--depth", "2", "--width", "8", "--epochs", "1"] if args.quick else
               ["--model", "aux-study", "--depth", "4", "--width", "64", "--epochs", "5", "--lr-step", "3"])
-    header = env_header(torch.device(args.device))
-    rows = {mode: run(mode, config, args.device) for mode in ("dgl", "backprop")}
+    device = torch.device(args.device)
+    header = env_header(device, command_line(p, argv))
+    runs = {mode: run(mode, config, args.device) for mode in ("dgl", "backprop")}
     lines = md_header(header, "Held-out accuracy on mnist5k (1,000 test digits)",
                       f"Config: `python -m dgl_fast train {' '.join(config)}`, seed 0; backprop trains the same "
                       "network end to end through its last head.")
-    lines += ["| mode | test accuracy (last stage) | per stage | ensemble | train time s |", "|---|---|---|---|---|"]
-    for mode, r in rows.items():
-        per = " / ".join(f"{100 * a:.1f}" for a in r["test_acc_per_stage"])
-        lines.append(f"| {mode} | {100 * r['test_acc']:.2f} % | {per} | {100 * r['test_acc_ensemble']:.2f} % | "
-                     f"{r['train_time_s']:.0f} |")
+    lines += md_table(["mode", "test accuracy (last stage)", "per stage", "ensemble", "train time s"],
+                      [[mode, f"{100 * r['test_acc']:.2f} %", " / ".join(f"{100 * a:.1f}" for a in r["test_acc_per_stage"]),
+                        f"{100 * r['test_acc_ensemble']:.2f} %", f"{r['train_time_s']:.0f}"] for mode, r in runs.items()])
     md = "\n".join(lines) + "\n"
-    print(md)
-    if not args.no_write:
-        print("wrote", *write_results("accuracy_mnist5k", torch.device(args.device),
-                                      {"header": header, "config": config, "runs": rows}, md))
-    return 0
+    return publish(args, "accuracy_mnist5k", device, {"header": header, "config": config, "runs": runs}, md)
 
 
 if __name__ == "__main__":

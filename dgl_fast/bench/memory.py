@@ -6,7 +6,7 @@ momentum, hand-offs and the activations autograd saves for the backward, per sta
 totals of the sequential DGL engine, the pipelined (streams) engine and backprop on the same
 network, with the heads on dgl_fast's fused ops as on a GPU. Exact byte counts of the tensors
 (device-independent up to the kernels' choice of what to save); workspaces and allocator overhead
-are not included (bench_overlap measures GPU peaks).
+are not included (``bench overlap`` measures GPU peaks).
 
     python -m dgl_fast bench memory            # writes benchmarks/results/memory-<device>.json and .md
     python -m dgl_fast bench memory --quick    # a small net, batch 8 (smoke run)
@@ -14,17 +14,13 @@ are not included (bench_overlap measures GPU peaks).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dgl_fast
 
-from common import env_header, md_header, write_results  # noqa: E402
-
-import dgl_fast  # noqa: E402
+from .common import command_line, env_header, md_header, md_table, parser, publish
 
 CONFIGS = [("vgg13", dict(block_size=3)), ("aux-study", dict())]
 
@@ -59,35 +55,31 @@ def markdown(header, rows) -> str:
     lines = md_header(header, "Memory of a training step: DGL against end-to-end backprop",
                       "MiB of parameters, gradients, SGD momentum, hand-offs and saved activations "
                       "(`dgl_fast.memory.memory_report`; no workspaces or allocator overhead).")
-    lines += ["| config | K | batch | precision | DGL sequential | DGL pipelined | backprop | sequential / backprop | "
-              "aux-head params | largest stage step |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+
+    def row(r):
         biggest = max(s["input"] + s["saved_stage"] + s["saved_head"] + s["output"] for s in r["stages"])
-        lines.append(f"| {r['config']} | {r['K']} | {r['batch']} | {r['precision']} | {mib(r['dgl_sequential'])} | "
-                     f"{mib(r['dgl_pipelined'])} | {mib(r['backprop'])} | {r['dgl_sequential'] / r['backprop']:.2f} | "
-                     f"{mib(r['head_params'])} | {mib(biggest)} |")
+        return [r["config"], r["K"], r["batch"], r["precision"], mib(r["dgl_sequential"]), mib(r["dgl_pipelined"]),
+                mib(r["backprop"]), f"{r['dgl_sequential'] / r['backprop']:.2f}", mib(r["head_params"]), mib(biggest)]
+
+    lines += md_table(["config", "K", "batch", "precision", "DGL sequential", "DGL pipelined", "backprop",
+                       "sequential / backprop", "aux-head params", "largest stage step"], map(row, rows))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("memory", __doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batches", default="32,128,512")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
     configs = CONFIGS[1:] if args.quick else CONFIGS
     rows = [measure(name, kw, b, prec, device, args.quick)
             for name, kw in configs for b in batches for prec in args.precisions.split(",")]
-    header = env_header(device)
-    md = markdown(header, rows)
-    print(md)
-    if not args.no_write:
-        print("wrote", *write_results("memory", device, {"header": header, "rows": rows}, md))
-    return 0
+    header = env_header(device, command_line(p, argv))
+    return publish(args, "memory", device, {"header": header, "rows": rows}, markdown(header, rows))
 
 
 if __name__ == "__main__":
