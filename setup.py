@@ -79,13 +79,15 @@ def _extensions():
     debug = os.environ.get("DGL_FAST_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Includes are written from csrc/ ("aux_pool.h", "cuda/aux_pool_impl.cuh"), never with "../".
+    csrc = os.path.join(ROOT, "csrc")
     cxx_flags = opt + ["-Wall", "-Wno-unused-function"]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             name="dgl_fast._C",
             sources=sources,
-            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
+            include_dirs=[csrc] + _nvidia_wheel_includes(),
             define_macros=[("DGL_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-lineinfo", "--expt-relaxed-constexpr"]},
         )
@@ -93,7 +95,7 @@ def _extensions():
         ext = CppExtension(
             name="dgl_fast._C",
             sources=sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[csrc],
             extra_compile_args={"cxx": cxx_flags},
         )
 

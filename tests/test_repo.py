@@ -27,18 +27,32 @@ def test_one_schema_file_and_kernels_per_device():
 
 
 def test_cuda_code_is_shared_with_the_emulator():
-    """Every CUDA op keeps its kernels in a .cuh that tests/simt compiles too, and launches only
-    through the launcher (no <<<...>>> outside csrc/cuda/launch.cuh)."""
+    """Every CUDA op keeps its host implementation in cuda/<op>_impl.cuh (kernels in <op>_kernels.cuh)
+    that tests/simt compiles too; <op>.cu only registers it; launches go only through the launcher
+    (no <<<...>>> outside csrc/cuda/launch.cuh)."""
     cuda = os.path.join(ROOT, "csrc", "cuda")
     emulated = _read("tests", "simt", "simt_ops.cpp")
     for f in sorted(os.listdir(cuda)):
         text = _read("csrc", "cuda", f)
         if f.endswith(".cu"):
-            header = f[:-3] + ".cuh"
-            assert f'#include "{header}"' in text and "<<<" not in text and "__global__" not in text, f
-            assert f'#include "cuda/{header}"' in emulated, f"{header} is not run by tests/simt"
+            impl = f"cuda/{f[:-3]}_impl.cuh"
+            assert os.path.isfile(os.path.join(cuda, f"{f[:-3]}_kernels.cuh")), f
+            assert f'#include "{impl}"' in text and "<<<" not in text and "__global__" not in text, f
+            assert f'#include "{impl}"' in emulated, f"{impl} is not run by tests/simt"
         elif f != "launch.cuh":
             assert "<<<" not in text and "c10/cuda" not in text, f
+
+
+def test_one_header_per_op_and_includes_from_csrc():
+    """csrc/<op>.h, cpu/<op>.cpp and cuda/<op>.cu share one stem; no include climbs with ../."""
+    csrc = os.path.join(ROOT, "csrc")
+    stems = {f[:-2] for f in os.listdir(csrc) if f.endswith(".h")}
+    assert stems == {f[:-4] for f in os.listdir(os.path.join(csrc, "cpu")) if f.endswith(".cpp")}
+    assert stems == {f[:-3] for f in os.listdir(os.path.join(csrc, "cuda")) if f.endswith(".cu")}
+    for dirpath, _, files in os.walk(csrc):
+        for f in files:
+            with open(os.path.join(dirpath, f)) as fh:
+                assert '#include "../' not in fh.read(), os.path.join(dirpath, f)
 
 
 def _package_modules():

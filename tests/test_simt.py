@@ -1,12 +1,12 @@
 """dgl_fast's CUDA kernels, run on the CPU by a SIMT emulator (tests/simt).
 
-The CUDA ops' host logic and kernels live in csrc/cuda/<op>.cuh, written against a launcher;
-tests/simt/simt_ops.cpp instantiates them with an emulator that runs every CUDA thread as a fiber
-(barriers, warp shuffles, shared memory, grid-stride loops). So on machines without a GPU, CI
-still executes the exact kernel code of every CUDA op and checks it against plain PyTorch in
-float64, against the CPU kernels, and against itself under shuffled thread schedules (a kernel
-whose bits depend on the order of its threads has a race) and, for kernels whose blocks
-coordinate (last-block tickets), with several blocks in flight together, interleaved."""
+The CUDA ops' host logic (csrc/cuda/<op>_impl.cuh) and kernels (<op>_kernels.cuh) are written
+against a launcher; tests/simt/simt_ops.cpp instantiates them with an emulator that runs every
+CUDA thread as a fiber (barriers, warp shuffles, shared memory, grid-stride loops). So on machines
+without a GPU, CI still executes the exact kernel code of every CUDA op and checks it against
+plain PyTorch in float64, against the CPU kernels, and against itself under shuffled thread
+schedules (a kernel whose bits depend on the order of its threads has a race) and, for kernels
+whose blocks coordinate (last-block tickets), with several blocks in flight together, interleaved."""
 
 import collections
 import contextlib
@@ -493,7 +493,7 @@ OPS = ["softmax_xent", "aux_pool", "aux_pool_bwd", "linear_bn_relu", "linear_bn_
 @contextlib.contextmanager
 def cuda_code_on_cpu(simt):
     """Every dgl_fast op's CPU dispatch runs the emulated CUDA implementation instead (host logic
-    and kernels of csrc/cuda/*.cuh), so a whole Trainer exercises the CUDA code paths' numerics."""
+    and kernels of csrc/cuda/), so a whole Trainer exercises the CUDA code paths' numerics."""
     lib = torch.library.Library("dgl_fast", "IMPL")
     calls = collections.Counter()
 

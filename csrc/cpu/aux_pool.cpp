@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../aux_head.h"
+#include "aux_pool.h"
 
 namespace dgl_fast {
 namespace {

@@ -1,4 +1,4 @@
-// CPU kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats.
+// CPU kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd.
 // Schemas: csrc/dgl_fast.cpp. The matrix products go through ATen (BLAS); bias, BatchNorm
 // statistics, normalisation and ReLU (and their backward) are one pass over each column here.
 #include <ATen/AccumulateType.h>
@@ -17,7 +17,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "../aux_head.h"
+#include "linear_bn_relu.h"
 
 namespace dgl_fast {
 namespace {
@@ -28,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_cpu(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps) {
   at::Tensor out, z, mean, var;
-  std::tie(out, z, mean, var) = lbr_forward_setup(x, w, bias, gamma, beta, running_mean, running_var, training);
+  std::tie(out, z, mean, var) =
+      linear_bn_relu_forward_setup(x, w, bias, gamma, beta, running_mean, running_var, training);
   const int64_t N = z.size(0), M = z.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -156,32 +157,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   return {grad_x, grad_w, grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
 }
 
-void bn_update_stats_cpu(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
-                         at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums) {
-  check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
-  for (size_t i = 0; i < rms.size(); ++i) {
-    AT_DISPATCH_FLOATING_TYPES(rms[i].scalar_type(), "bn_update_stats_cpu", [&] {
-      scalar_t* rm = rms[i].mutable_data_ptr<scalar_t>();
-      scalar_t* rv = rvs[i].mutable_data_ptr<scalar_t>();
-      const scalar_t* mu = means[i].const_data_ptr<scalar_t>();
-      const scalar_t* va = vars[i].const_data_ptr<scalar_t>();
-      const scalar_t m = static_cast<scalar_t>(momentums[i]);
-      const scalar_t unbias = static_cast<scalar_t>(counts[i]) / static_cast<scalar_t>(counts[i] - 1);
-      for (int64_t c = 0; c < rms[i].numel(); ++c) {
-        rm[c] = m * mu[c] + (scalar_t(1) - m) * rm[c];  // nn.BatchNorm's order of operations
-        rv[c] = m * (va[c] * unbias) + (scalar_t(1) - m) * rv[c];
-      }
-    });
-    nbt[i].mutable_data_ptr<int64_t>()[0] += 1;
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dgl_fast, CPU, m) {
   m.impl("linear_bn_relu", &linear_bn_relu_cpu);
   m.impl("linear_bn_relu_bwd", &linear_bn_relu_bwd_cpu);
-  m.impl("bn_update_stats", &bn_update_stats_cpu);
 }
 
 }  // namespace dgl_fast

@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "../replay_buffer.h"
+#include "replay_buffer.h"
 
 namespace dgl_fast {
 namespace {

@@ -11,7 +11,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../softmax_xent.h"
+#include "softmax_xent.h"
 
 namespace dgl_fast {
 namespace {

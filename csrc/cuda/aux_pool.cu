@@ -1,8 +1,10 @@
-// CUDA registration of dgl_fast::aux_pool / aux_pool_bwd; kernels and host logic: aux_pool.cuh.
+// CUDA registration of dgl_fast::aux_pool / aux_pool_bwd: the aux_pool_impl host implementation
+// (aux_pool_impl.cuh; kernels in aux_pool_kernels.cuh) instantiated with CudaLauncher (launch.cuh)
+// and registered for the CUDA dispatch key. This is the op's only nvcc translation unit.
 #include <torch/library.h>
 
-#include "aux_pool.cuh"
-#include "launch.cuh"
+#include "cuda/aux_pool_impl.cuh"
+#include "cuda/launch.cuh"
 
 namespace dgl_fast {
 namespace {

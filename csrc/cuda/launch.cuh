@@ -1,15 +1,17 @@
 // How dgl_fast's CUDA host code launches its kernels.
 //
-// Each op's kernels and host logic (allocation, launch configuration, dispatch) live in a header
-// `csrc/cuda/<op>.cuh` written against a *launcher* instead of `<<<...>>>`:
+// Each op's host logic (argument checks, allocation, launch configuration, dispatch) lives in
+// `csrc/cuda/<op>_impl.cuh`, beside its kernels in `<op>_kernels.cuh`, written against a
+// *launcher* instead of `<<<...>>>`:
 //
 //   typename Launcher::Guard guard(device);     // after the argument checks, before any launch
 //   launch(kernel<...>, grid, block, args...);   // run `kernel` on a grid of blocks
 //   launch.multiprocessors();                    // SM count, for launch heuristics
 //
-// `<op>.cu` instantiates it with CudaLauncher below (the current stream, a launch check after
-// each kernel). tests/simt instantiates the same header with a CPU SIMT emulator, so every CUDA
-// kernel and its launch logic also run, thread by thread, on machines without a GPU.
+// `<op>.cu`, the op's CUDA registration, instantiates it with CudaLauncher below (the current
+// stream, a launch check after each kernel). tests/simt instantiates the same header with a CPU
+// SIMT emulator, so every CUDA kernel and its launch logic also run, thread by thread, on machines
+// without a GPU.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>

@@ -1,9 +1,11 @@
-// CUDA registration of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats; kernels and
-// host logic: linear_bn_relu.cuh.
+// CUDA registration of dgl_fast::linear_bn_relu / linear_bn_relu_bwd: the linear_bn_relu_impl host
+// implementation (linear_bn_relu_impl.cuh; kernels in linear_bn_relu_kernels.cuh) instantiated with
+// CudaLauncher (launch.cuh) and registered for the CUDA dispatch key. This is the op's only nvcc
+// translation unit.
 #include <torch/library.h>
 
-#include "launch.cuh"
-#include "linear_bn_relu.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/linear_bn_relu_impl.cuh"
 
 namespace dgl_fast {
 namespace {
@@ -22,18 +24,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
                                  CudaLauncher(z.get_device()));
 }
 
-void bn_update_stats_cuda(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
-                          at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums) {
-  bn_update_stats_impl(rms, rvs, nbt, means, vars, counts, momentums,
-                       CudaLauncher(rms.empty() ? -1 : rms[0].get_device()));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dgl_fast, CUDA, m) {
   m.impl("linear_bn_relu", &linear_bn_relu_cuda);
   m.impl("linear_bn_relu_bwd", &linear_bn_relu_bwd_cuda);
-  m.impl("bn_update_stats", &bn_update_stats_cuda);
 }
 
 }  // namespace dgl_fast

@@ -1,6 +1,6 @@
-// CUDA kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd / bn_update_stats and their host logic,
-// written against a launcher (csrc/cuda/launch.cuh): compiled by nvcc in linear_bn_relu.cu and by the
-// SIMT emulator in tests/simt. Schemas: csrc/dgl_fast.cpp.
+// CUDA kernels of dgl_fast::linear_bn_relu / linear_bn_relu_bwd, launched by linear_bn_relu_impl.cuh
+// (host logic: the matrix products, launch shapes, dtype dispatch); compiled by nvcc through
+// linear_bn_relu.cu and by the SIMT emulator in tests/simt. Schemas: csrc/dgl_fast.cpp.
 //
 // The matrix products go to cuBLAS through ATen (addmm / mm, on the current stream). Everything
 // else of a Linear + BatchNorm + ReLU layer is done by these kernels:
@@ -16,10 +16,10 @@
 //
 // Row chunks. Columns alone cannot fill 132 SMs for narrow layers (mlp-sr's 1x1 convolutions: M =
 // C = 128 columns, 8k-32k pixel rows, 16 column blocks) nor give them more than a block each for
-// head layers (M = 1024: 128 blocks). pick_row_split then also splits the rows into chunks,
-// blockIdx.y, so the grid has about kBlocksPerSm blocks per SM (chunks of at least
-// kMinRowsPerThread rows per thread). With one chunk each direction is the single kernel above;
-// with several:
+// head layers (M = 1024: 128 blocks). pick_row_split (linear_bn_relu_impl.cuh) then also splits
+// the rows into chunks, blockIdx.y, so the grid has about kBlocksPerSm blocks per SM (chunks of at
+// least kMinRowsPerThread rows per thread). With one chunk each direction is the single kernel
+// above; with several:
 //   forward:  bn_stats_chunk_kernel writes each chunk's sum, mean m_c, and the sums of d = z - m_c
 //             and d^2 over its rows; bn_relu_fwd_chunk_kernel combines them per column, in chunk
 //             order, into the mean and the biased variance (every block the same way, so the same
@@ -43,23 +43,10 @@
 // chain length times u times the chunk's share (|D_c error| <= chain u sum|d|, AM-GM), so the
 // float32 error of the variance stays within the single kernel's bound: O((ceil(N / (C ROWS)) +
 // ROWS + C) u) relative, plus the same second-order term.
-// bn_update_stats updates the running statistics of up to kMaxLayers layers in one launch.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
-
-#include <algorithm>
 #include <cmath>
-#include <tuple>
-#include <type_traits>
-
-#include "../aux_head.h"
+#include <cstdint>
 
 namespace dgl_fast {
 namespace linear_bn_relu_detail {
@@ -76,34 +63,6 @@ __device__ __forceinline__ acc_t block_column_sum(acc_t v, acc_t (*red)[COLS + 1
   for (int r = 0; r < ROWS; ++r) total += red[r][threadIdx.x];
   __syncthreads();
   return total;
-}
-
-// Columns per block: the widest of 32 / 16 / 8 that still gives every SM a block.
-inline int pick_cols(int64_t M, int64_t sms) {
-  if ((M + 31) / 32 >= sms) return 32;
-  if ((M + 15) / 16 >= sms) return 16;
-  return 8;
-}
-
-constexpr int kBlocksPerSm = 2;       // target grid: two 256-thread blocks (16 warps) per SM
-constexpr int kMinRowsPerThread = 2;  // a chunk gives each threadIdx.y at least this many rows
-
-// Rows [0, N) split into `chunks` chunks of `rows` rows (a multiple of the block's row threads;
-// the last chunk may be shorter, never empty).
-struct RowSplit {
-  int64_t chunks, rows;
-};
-
-inline RowSplit pick_row_split(int64_t N, int64_t col_blocks, int row_threads, int64_t sms) {
-  const int64_t target = kBlocksPerSm * std::max<int64_t>(sms, 1);
-  if (col_blocks >= target) return {1, N};
-  const int64_t want = (target + col_blocks - 1) / col_blocks;
-  const int64_t most = std::max<int64_t>(1, N / (static_cast<int64_t>(kMinRowsPerThread) * row_threads));
-  const int64_t chunks = std::min(want, most);
-  if (chunks <= 1) return {1, N};
-  const int64_t per = (N + chunks - 1) / chunks;
-  const int64_t rows = (per + row_threads - 1) / row_threads * row_threads;
-  return {(N + rows - 1) / rows, rows};
 }
 
 // Rows [*r0, *r1) of chunk c.
@@ -395,177 +354,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-constexpr int kMaxLayers = 16;
-
-template <typename acc_t>
-struct StatsBatch {
-  acc_t* rm[kMaxLayers];
-  acc_t* rv[kMaxLayers];
-  int64_t* nbt[kMaxLayers];
-  const acc_t* mean[kMaxLayers];
-  const acc_t* var[kMaxLayers];
-  int64_t channels[kMaxLayers];
-  acc_t momentum[kMaxLayers];
-  acc_t unbias[kMaxLayers];
-};
-
-// blockIdx.y = layer; threads stride over its channels.
-template <typename acc_t>
-__global__ void bn_update_stats_kernel(StatsBatch<acc_t> p) {
-  const int l = blockIdx.y;
-  const acc_t m = p.momentum[l];
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < p.channels[l];
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    p.rm[l][c] = m * p.mean[l][c] + (acc_t(1) - m) * p.rm[l][c];
-    p.rv[l][c] = m * (p.var[l][c] * p.unbias[l]) + (acc_t(1) - m) * p.rv[l][c];
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) *p.nbt[l] += 1;
-}
-
 }  // namespace linear_bn_relu_detail
-
-template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_impl(
-    const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var, bool training, double eps,
-    const Launcher& launch) {
-  using namespace linear_bn_relu_detail;
-  at::Tensor out, z, mean, var;
-  std::tie(out, z, mean, var) = lbr_forward_setup(x, w, bias, gamma, beta, running_mean, running_var, training);
-  const typename Launcher::Guard guard(x.device());
-  const int64_t N = z.size(0), M = z.size(1);
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
-  if (M == 0 || N == 0) return {out, z, mean, var};
-  const int64_t sms = launch.multiprocessors();
-  const int cols = pick_cols(M, sms);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto cols_tag) {
-      constexpr int COLS = decltype(cols_tag)::value;
-      const int64_t col_blocks = (M + COLS - 1) / COLS;
-      const RowSplit split = pick_row_split(N, col_blocks, kThreads / COLS, sms);
-      const dim3 block(COLS, kThreads / COLS);
-      if (split.chunks == 1) {
-        launch(bn_relu_fwd_kernel<COLS, scalar_t, acc_t>, dim3(static_cast<unsigned>(col_blocks)), block,
-               z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-               mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), N, M,
-               training, static_cast<acc_t>(eps));
-        return;
-      }
-      const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(split.chunks));
-      at::Tensor part;
-      if (training) {
-        part = at::empty({4, split.chunks, M}, mean.options());
-        launch(bn_stats_chunk_kernel<COLS, scalar_t, acc_t>, grid, block, z.const_data_ptr<scalar_t>(),
-               part.mutable_data_ptr<acc_t>(), N, M, split.rows);
-      }
-      launch(bn_relu_fwd_chunk_kernel<COLS, scalar_t, acc_t>, grid, block, z.const_data_ptr<scalar_t>(),
-             training ? part.const_data_ptr<acc_t>() : nullptr, g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-             mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), N, M,
-             split.rows, training, static_cast<acc_t>(eps));
-    };
-    if (cols == 32) run(std::integral_constant<int, 32>{});
-    else if (cols == 16) run(std::integral_constant<int, 16>{});
-    else run(std::integral_constant<int, 8>{});
-  });
-  return {out, z, mean, var};
-}
-
-template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_bwd_impl(
-    const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& w, const at::Tensor& z,
-    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, bool training,
-    double eps, const Launcher& launch) {
-  using namespace linear_bn_relu_detail;
-  const typename Launcher::Guard guard(z.device());
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  TORCH_CHECK(grad_out.sizes() == z.sizes(), "linear_bn_relu backward: expected a gradient of shape ", z.sizes(),
-              ", got ", grad_out.sizes());
-  const int64_t N = z.size(0), M = z.size(1);
-  const auto sdt = stat_dtype(z.scalar_type());
-  at::Tensor grad_z = at::empty_like(z);
-  at::Tensor grad_gamma = at::empty({M}, z.options().dtype(sdt));
-  at::Tensor grad_beta = at::empty({M}, z.options().dtype(sdt));
-  at::Tensor grad_bias = at::empty({M}, z.options().dtype(sdt));
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous(), mu = mean.contiguous(), va = var.contiguous();
-  if (M == 0 || N == 0) {
-    grad_gamma.zero_();
-    grad_beta.zero_();
-    grad_bias.zero_();
-    return {at::mm(grad_z, w), at::mm(grad_z.t(), x), grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
-  }
-  const int64_t sms = launch.multiprocessors();
-  const int cols = pick_cols(M, sms);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "linear_bn_relu_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto cols_tag) {
-      constexpr int COLS = decltype(cols_tag)::value;
-      const int64_t col_blocks = (M + COLS - 1) / COLS;
-      const RowSplit split = pick_row_split(N, col_blocks, kThreads / COLS, sms);
-      const dim3 block(COLS, kThreads / COLS);
-      if (split.chunks == 1) {
-        launch(bn_relu_bwd_kernel<COLS, scalar_t, acc_t>, dim3(static_cast<unsigned>(col_blocks)), block,
-               grad_out.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(),
-               b.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(), va.const_data_ptr<acc_t>(),
-               grad_z.mutable_data_ptr<scalar_t>(), grad_gamma.mutable_data_ptr<acc_t>(),
-               grad_beta.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(), N, M, training,
-               static_cast<acc_t>(eps));
-        return;
-      }
-      const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(split.chunks));
-      at::Tensor part = at::empty({3, split.chunks, M}, grad_gamma.options());
-      at::Tensor tickets = at::empty({col_blocks}, grad_gamma.options().dtype(at::kInt));
-      unsigned* tk = reinterpret_cast<unsigned*>(tickets.mutable_data_ptr<int32_t>());
-      launch(bn_relu_bwd_sums_kernel<COLS, scalar_t, acc_t>, grid, block, grad_out.const_data_ptr<scalar_t>(),
-             z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-             mu.const_data_ptr<acc_t>(), va.const_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>(), tk, N, M,
-             split.rows, static_cast<acc_t>(eps));
-      launch(bn_relu_bwd_chunk_kernel<COLS, scalar_t, acc_t>, grid, block, grad_out.const_data_ptr<scalar_t>(),
-             z.const_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-             mu.const_data_ptr<acc_t>(), va.const_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>(), tk,
-             grad_z.mutable_data_ptr<scalar_t>(), grad_gamma.mutable_data_ptr<acc_t>(),
-             grad_beta.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(), N, M, split.rows, training,
-             static_cast<acc_t>(eps));
-    };
-    if (cols == 32) run(std::integral_constant<int, 32>{});
-    else if (cols == 16) run(std::integral_constant<int, 16>{});
-    else run(std::integral_constant<int, 8>{});
-  });
-  at::Tensor grad_x = at::mm(grad_z, w);
-  at::Tensor grad_w = at::mm(grad_z.t(), x);
-  return {grad_x, grad_w, grad_bias.to(z.scalar_type()), grad_gamma, grad_beta};
-}
-
-template <typename Launcher>
-void bn_update_stats_impl(at::TensorList rms, at::TensorList rvs, at::TensorList nbt, at::TensorList means,
-                          at::TensorList vars, at::IntArrayRef counts, at::ArrayRef<double> momentums,
-                          const Launcher& launch) {
-  using namespace linear_bn_relu_detail;
-  check_bn_update_args(rms, rvs, nbt, means, vars, counts, momentums);
-  if (rms.empty()) return;
-  const typename Launcher::Guard guard(rms[0].device());
-  for (size_t start = 0; start < rms.size(); start += kMaxLayers) {
-    const size_t L = std::min<size_t>(kMaxLayers, rms.size() - start);
-    AT_DISPATCH_FLOATING_TYPES(rms[start].scalar_type(), "bn_update_stats_cuda", [&] {
-      StatsBatch<scalar_t> p{};
-      int64_t widest = 1;
-      for (size_t k = 0; k < L; ++k) {
-        const size_t i = start + k;
-        TORCH_CHECK(rms[i].scalar_type() == rms[start].scalar_type(), "bn_update_stats: layers of mixed dtypes");
-        p.rm[k] = rms[i].mutable_data_ptr<scalar_t>();
-        p.rv[k] = rvs[i].mutable_data_ptr<scalar_t>();
-        p.nbt[k] = nbt[i].mutable_data_ptr<int64_t>();
-        p.mean[k] = means[i].const_data_ptr<scalar_t>();
-        p.var[k] = vars[i].const_data_ptr<scalar_t>();
-        p.channels[k] = rms[i].numel();
-        p.momentum[k] = static_cast<scalar_t>(momentums[i]);
-        p.unbias[k] = static_cast<scalar_t>(counts[i]) / static_cast<scalar_t>(counts[i] - 1);
-        widest = std::max(widest, p.channels[k]);
-      }
-      const dim3 grid(static_cast<unsigned>(std::min<int64_t>((widest + 255) / 256, 64)), static_cast<unsigned>(L));
-      launch(bn_update_stats_kernel<scalar_t>, grid, dim3(256), p);
-    });
-  }
-}
 
 }  // namespace dgl_fast

@@ -1,8 +1,11 @@
-// CUDA registration of dgl_fast::replay_push / replay_sample; kernels and host logic: replay_buffer.cuh.
+// CUDA registration of dgl_fast::replay_push / replay_sample: the replay_buffer_impl host
+// implementation (replay_buffer_impl.cuh; kernels in replay_buffer_kernels.cuh) instantiated with
+// CudaLauncher (launch.cuh) and registered for the CUDA dispatch key. This is the op's only nvcc
+// translation unit.
 #include <torch/library.h>
 
-#include "launch.cuh"
-#include "replay_buffer.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/replay_buffer_impl.cuh"
 
 namespace dgl_fast {
 namespace {

@@ -1,8 +1,11 @@
-// CUDA registration of dgl_fast::softmax_xent; kernel and host logic: softmax_xent.cuh.
+// CUDA registration of dgl_fast::softmax_xent: the softmax_xent_impl host implementation
+// (softmax_xent_impl.cuh; kernels in softmax_xent_kernels.cuh) instantiated with CudaLauncher
+// (launch.cuh) and registered for the CUDA dispatch key. This is the op's only nvcc translation
+// unit.
 #include <torch/library.h>
 
-#include "launch.cuh"
-#include "softmax_xent.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/softmax_xent_impl.cuh"
 
 namespace dgl_fast {
 namespace {

@@ -1,6 +1,6 @@
-// A SIMT emulator: runs dgl_fast's CUDA kernels (csrc/cuda/*.cuh) on the CPU, one fiber per CUDA
-// thread, so their index arithmetic, reductions, warp shuffles and barriers are tested on machines
-// without a GPU. Test-only; never part of the library.
+// A SIMT emulator: runs dgl_fast's CUDA kernels (csrc/cuda/*_kernels.cuh) on the CPU, one fiber
+// per CUDA thread, so their index arithmetic, reductions, warp shuffles and barriers are tested on
+// machines without a GPU. Test-only; never part of the library.
 //
 // What it models:
 //   - threadIdx / blockIdx / blockDim / gridDim; blocks run one at a time (in a shuffled order when

@@ -1,5 +1,6 @@
-// dgl_fast's CUDA ops, host logic and kernels alike (csrc/cuda/*.cuh), instantiated with the SIMT
-// emulator of simt.h instead of CUDA launches, on CPU tensors. Built on demand by tests/test_simt.py
+// dgl_fast's CUDA ops, host logic and kernels alike (csrc/cuda/<op>_impl.cuh and the
+// <op>_kernels.cuh it includes), instantiated with the SIMT emulator of simt.h instead of CUDA
+// launches, on CPU tensors. Built on demand by tests/test_simt.py
 // (torch.utils.cpp_extension.load); each function mirrors the CUDA registration of the same op.
 #include <torch/extension.h>
 
@@ -11,10 +12,11 @@
 
 #include "simt.h"  // after the torch headers: it defines CUDA's built-in names as macros
 
-#include "cuda/aux_pool.cuh"
-#include "cuda/linear_bn_relu.cuh"
-#include "cuda/replay_buffer.cuh"
-#include "cuda/softmax_xent.cuh"
+#include "cuda/aux_pool_impl.cuh"
+#include "cuda/bn_update_stats_impl.cuh"
+#include "cuda/linear_bn_relu_impl.cuh"
+#include "cuda/replay_buffer_impl.cuh"
+#include "cuda/softmax_xent_impl.cuh"
 
 namespace {
 
