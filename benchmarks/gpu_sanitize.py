@@ -5,7 +5,7 @@
     python benchmarks/gpu_sanitize.py --cpu-dry-run                             # the same calls on the CPU
 
 Part ``ops``: ``dgl_fast.ops`` (``torch.ops.dgl_fast.*``) at small odd sizes that reach every launch
-path: softmax_cross_entropy (one block and several, narrow and wide rows, bf16), replay push and
+path: softmax_xent (one block and several, narrow and wide rows, bf16), replay push and
 sample (fp32 and bf16 storage, the 16-byte and the element-wise copies, every policy, max_reuse
 used up, a non-contiguous push), aux_pool forward and backward (NCHW, channels_last, a strided
 view), linear_bn_relu forward and backward (training and eval, with and without bias, narrow and
@@ -85,7 +85,7 @@ def run_softmax(device):
             g = torch.Generator().manual_seed(B)
             logits = torch.randn(B, C, generator=g).to(device=device, dtype=dt).requires_grad_()
             labels = torch.randint(0, C, (B,), generator=g).to(device)
-            loss, correct = ops.softmax_cross_entropy(logits, labels)
+            loss, correct = ops.softmax_xent(logits, labels)
             loss.backward()
             exact = logits.detach().double().requires_grad_()
             want = F.cross_entropy(exact, labels)
@@ -95,14 +95,14 @@ def run_softmax(device):
             check(f"softmax_xent[{B}x{C} {dt}] grad", logits.grad, exact.grad, tol)
             if dt == torch.float32:
                 check(f"softmax_xent[{B}x{C}] correct", correct, (logits.argmax(1) == labels).sum(), 0)
-        step(f"softmax_cross_entropy [{B}, {C}] {str(dt)[6:]} forward + backward", device, one)
+        step(f"softmax_xent [{B}, {C}] {str(dt)[6:]} forward + backward", device, one)
     # a non-contiguous view (every other column of a wider tensor)
     def strided():
         wide = torch.randn(9, 26, device=device)
         logits, labels = wide[:, ::2], torch.randint(0, 13, (9,), device=device)
-        loss, _ = ops.softmax_cross_entropy(logits, labels)
+        loss, _ = ops.softmax_xent(logits, labels)
         check("softmax_xent strided loss", loss, F.cross_entropy(logits.double(), labels), 1e-4)
-    step("softmax_cross_entropy [9, 13] strided view", device, strided)
+    step("softmax_xent [9, 13] strided view", device, strided)
 
 
 def run_replay(device):

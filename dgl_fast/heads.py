@@ -199,7 +199,7 @@ class AuxHead(nn.Module):
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of this head on ``x`` and the number of correct predictions."""
-        return ops.softmax_cross_entropy(self(x), labels)
+        return ops.softmax_xent(self(x), labels)
 
     def to_reference(self) -> nn.Sequential:
         """A plain ``nn.Sequential`` computing the same function with the same (shared) modules."""

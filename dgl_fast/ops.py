@@ -11,7 +11,7 @@ import torch
 
 from . import _native  # noqa: F401  (loads the library before the registrations below)
 
-__all__ = ["softmax_cross_entropy", "replay_push", "replay_sample", "REPLAY_POLICIES", "aux_pool", "linear_bn_relu",
+__all__ = ["softmax_xent", "replay_push", "replay_sample", "REPLAY_POLICIES", "aux_pool", "linear_bn_relu",
            "bn_update_stats"]
 
 
@@ -46,7 +46,7 @@ torch.library.register_autograd(
 )
 
 
-def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``logits`` [B, C] against int64 ``labels`` [B], and the number of
     correct arg-max predictions, in one fused pass.
 
@@ -176,7 +176,7 @@ def _linear_bn_relu_bwd_fake(grad_out, x, weight, z, mean, var, gamma, beta, tra
             z.new_empty((M,)), torch.empty_like(gamma), torch.empty_like(beta))
 
 
-def _lbr_setup_context(ctx, inputs, output):
+def _linear_bn_relu_setup_context(ctx, inputs, output):
     x, weight, bias, gamma, beta, _, _, training, eps = inputs
     _, z, mean, var = output
     ctx.save_for_backward(x, weight, z, mean, var, gamma, beta)
@@ -184,14 +184,15 @@ def _lbr_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, var)
 
 
-def _lbr_backward(ctx, grad_out, grad_z, grad_mean, grad_var):
+def _linear_bn_relu_backward(ctx, grad_out, grad_z, grad_mean, grad_var):
     x, weight, z, mean, var, gamma, beta = ctx.saved_tensors
     gx, gw, gb, gg, gbeta = torch.ops.dgl_fast.linear_bn_relu_bwd(grad_out, x, weight, z, mean, var, gamma, beta,
                                                                   ctx.training, ctx.eps)
     return gx, gw, gb if ctx.has_bias else None, gg, gbeta, None, None, None, None
 
 
-torch.library.register_autograd("dgl_fast::linear_bn_relu", _lbr_backward, setup_context=_lbr_setup_context)
+torch.library.register_autograd("dgl_fast::linear_bn_relu", _linear_bn_relu_backward,
+                               setup_context=_linear_bn_relu_setup_context)
 
 
 @torch.library.register_fake("dgl_fast::bn_update_stats")

@@ -25,7 +25,7 @@ def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     """Mean cross-entropy of ``head`` on ``h`` and its number of correct predictions (fused op)."""
     if isinstance(head, AuxHead):
         return head.loss(h, y)
-    return ops.softmax_cross_entropy(head(h), y)
+    return ops.softmax_xent(head(h), y)
 
 
 class _Precision:

@@ -66,7 +66,7 @@ def test_gradient_through_wrapper(device):
     logits, labels = _inputs((9, 11), torch.float32, device, seed=3)
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
-    loss, _ = ops.softmax_cross_entropy(a, labels)
+    loss, _ = ops.softmax_xent(a, labels)
     (2.5 * loss).backward()
     (2.5 * torch.nn.functional.cross_entropy(b, labels)).backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
@@ -75,7 +75,7 @@ def test_gradient_through_wrapper(device):
 def test_gradcheck_float64_cpu():
     logits, labels = _inputs((6, 5), torch.float64, "cpu", seed=4)
     logits.requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ops.softmax_cross_entropy(t, labels)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda t: ops.softmax_xent(t, labels)[0], (logits,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -88,14 +88,14 @@ def test_labels_out_of_range_cpu():
     logits, labels = _inputs((4, 3), torch.float32, "cpu")
     labels[2] = 3
     with pytest.raises(RuntimeError, match=r"expected labels in \[0, 3\), got 3 at position 2"):
-        ops.softmax_cross_entropy(logits, labels)
+        ops.softmax_xent(logits, labels)
 
 
 @pytest.mark.cuda
 def test_labels_out_of_range_cuda_gives_nan():
     logits, labels = _inputs((4, 3), torch.float32, "cuda")
     labels[1] = -1
-    loss, correct = ops.softmax_cross_entropy(logits, labels)
+    loss, correct = ops.softmax_xent(logits, labels)
     assert torch.isnan(loss).item()
 
 

@@ -27,7 +27,7 @@ void softmax_xent_rows(const scalar_t* __restrict__ logits, const int64_t* __res
     const scalar_t* row = logits + i * classes;
     scalar_t* grow = dlogits + i * classes;
     const int64_t y = labels[i];
-    TORCH_CHECK(y >= 0 && y < classes, "softmax_cross_entropy: expected labels in [0, ", classes,
+    TORCH_CHECK(y >= 0 && y < classes, "softmax_xent: expected labels in [0, ", classes,
                 "), got ", y, " at position ", i);
     // Max and first arg-max (torch.argmax's tie rule).
     acc_t mx = static_cast<acc_t>(row[0]);

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_xent_impl(const at::Tenso
   check_softmax_xent_args(logits_in, labels_in);
   TORCH_CHECK(logits_in.size(0) <= std::numeric_limits<int>::max() &&
                   logits_in.size(1) <= std::numeric_limits<int>::max(),
-              "softmax_cross_entropy: batch and class counts must fit in int32, got ", logits_in.sizes());
+              "softmax_xent: batch and class counts must fit in int32, got ", logits_in.sizes());
   const typename Launcher::Guard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();

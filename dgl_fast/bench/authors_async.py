@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dgl_fast import reference
-from dgl_fast.ops import softmax_cross_entropy
+from dgl_fast.ops import softmax_xent
 
 
 class HostReplayBuffer:
@@ -52,7 +52,7 @@ class AuthorsAsyncDGL:
         if j > 0:
             x, y = self.buffers[j - 1].sample(self.device)
         h = self.model.stages[j](x)
-        loss, correct = softmax_cross_entropy(self.model.heads[j](h), y)
+        loss, correct = softmax_xent(self.model.heads[j](h), y)
         loss.backward()
         self.opts[j].step()
         self.opts[j].zero_grad(set_to_none=True)
