@@ -466,7 +466,8 @@ else
 fi
 
 # --- 3, 4. CUDA tests: the ops in one pytest process, everything else in another, side by side ------
-OPS_TESTS=(tests/test_aux_head.py tests/test_softmax_xent.py tests/test_replay_buffer.py tests/test_heads.py)
+OPS_TESTS=(tests/test_aux_pool.py tests/test_linear_bn_relu.py tests/test_bn_update_stats.py tests/test_aux_head.py tests/test_softmax_xent.py
+           tests/test_replay_buffer.py tests/test_heads.py)
 OTHER_TESTS=()
 for f in tests/test_*.py; do
   case " ${OPS_TESTS[*]} tests/test_simt.py " in *" $f "*) ;; *) OTHER_TESTS+=("$f") ;; esac
@@ -515,7 +516,7 @@ fi
 
 # --- 8-12. benchmarks at the sizes of issue 10's targets, the kernel profile -----------------------------
 run_step bench_aux_head "$PY" -m dgl_fast bench aux_head "${AUX_ARGS[@]}" "${TINY[@]}"
-run_step bench_replay "$PY" -m dgl_fast bench replay "${REPLAY_ARGS[@]}" "${TINY[@]}"
+run_step bench_replay "$PY" -m dgl_fast bench replay_buffer "${REPLAY_ARGS[@]}" "${TINY[@]}"
 run_step bench_overlap "$PY" -m dgl_fast bench overlap "${OVERLAP_ARGS[@]}" "${TINY[@]}"
 run_step profile "${PROFILE[@]}"
 run_step bench_memory "$PY" -m dgl_fast bench memory "${MEMORY_ARGS[@]}" "${TINY[@]}"

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("info", help="print what was compiled (build_config) and the devices seen")
-    b = sub.add_parser("bench", help="run a benchmark (dgl_fast.bench), e.g. `bench replay`; results go to "
+    b = sub.add_parser("bench", help="run a benchmark (dgl_fast.bench), e.g. `bench replay_buffer`; results go to "
                        "benchmarks/results/ in the current directory unless --out-dir says otherwise")
     b.add_argument("name", help="benchmark name: NAME runs dgl_fast.bench.NAME (accuracy, aux_head, memory, overlap, "
                    "replay)")

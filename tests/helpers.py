@@ -103,3 +103,15 @@ def assert_unchanged(trainer, snap):
         for i in now:
             for name, v in now[i].items():
                 assert torch.equal(v, saved["state"][i][name]), (i, name)
+
+
+def assert_within_2x(ours, theirs, exact, what="", scale=None):
+    """The numerics rule: our error against a float64 result is at most twice the error of plain
+    PyTorch in the same precision. Errors below 1e-5 of `scale` (default: the largest exact value)
+    are ignored: quantities that are mathematically zero (e.g. the gradient of a BatchNorm shift
+    that the next BatchNorm cancels) are pure rounding noise on both sides."""
+    exact = exact.double()
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_torch = (theirs.double() - exact).abs().max().item()
+    floor = 1e-5 * (scale if scale is not None else exact.abs().max().item())
+    assert err_ours <= 2 * err_torch + floor, f"{what}: error {err_ours:.3g} vs PyTorch's {err_torch:.3g}"

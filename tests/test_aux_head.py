@@ -1,5 +1,6 @@
-"""Fused auxiliary-head ops (aux_pool, linear_bn_relu, bn_update_stats) and the fused AuxHead path
-against plain PyTorch: values, gradients, BatchNorm running statistics, dtypes, layouts, errors."""
+"""The fused AuxHead path (aux_pool, linear_bn_relu, bn_update_stats, softmax_xent together) against
+the plain-PyTorch head: values, gradients, BatchNorm running statistics, dtypes, layouts, errors.
+Each op alone: tests/test_<op>.py."""
 
 import copy
 
@@ -7,169 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgl_fast import AuxHead, ops, reference
-from helpers import in_layout
+from dgl_fast import AuxHead
+from helpers import assert_within_2x, in_layout
 
 # (C, s) of every stage output of VGG-13 K=4 and of the aux-study net, at CIFAR size.
 VGG13_K4 = [(128, 16), (256, 8), (512, 2)]
 AUX_STUDY = [(128, 32), (256, 16), (512, 8)]
-
-
-def assert_within_2x(ours, theirs, exact, what="", scale=None):
-    """The numerics rule: our error against a float64 result is at most twice the error of plain
-    PyTorch in the same precision. Errors below 1e-5 of `scale` (default: the largest exact value)
-    are ignored: quantities that are mathematically zero (e.g. the gradient of a BatchNorm shift
-    that the next BatchNorm cancels) are pure rounding noise on both sides."""
-    exact = exact.double()
-    err_ours = (ours.double() - exact).abs().max().item()
-    err_torch = (theirs.double() - exact).abs().max().item()
-    floor = 1e-5 * (scale if scale is not None else exact.abs().max().item())
-    assert err_ours <= 2 * err_torch + floor, f"{what}: error {err_ours:.3g} vs PyTorch's {err_torch:.3g}"
-
-
-# --- aux_pool --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape,out", [((2, 3, 8, 8), (2, 2)), ((3, 5, 7, 9), (2, 3)), ((4, 6, 5, 5), (2, 2)),
-                                       ((2, 4, 13, 11), (4, 3)), ((1, 2, 1, 1), (2, 2))])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-@pytest.mark.parametrize("channels_last_out", [False, True])
-def test_aux_pool_matches_adaptive_avg_pool(device, shape, out, layout, channels_last_out):
-    torch.manual_seed(0)
-    x = in_layout(torch.randn(shape, device=device), layout)
-    a = x.clone().requires_grad_()
-    b = x.clone().requires_grad_()
-    ya = ops.aux_pool(a, out, channels_last_out)
-    yb = F.adaptive_avg_pool2d(b, out)
-    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
-    assert ya.is_contiguous(memory_format=torch.channels_last if channels_last_out else torch.contiguous_format)
-    g = torch.randn_like(yb)
-    ya.backward(g)
-    yb.backward(g)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
-    if layout == "channels_last" and shape[2] * shape[3] > 1 and shape[1] > 1:  # the gradient keeps the layout
-        assert a.grad.is_contiguous(memory_format=torch.channels_last) and not a.grad.is_contiguous()
-
-
-def test_aux_pool_gradcheck_float64():
-    x = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.aux_pool(t, (3, 2)), (x,))
-    xc = torch.randn(2, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ops.aux_pool(t, (2, 2), True), (xc,))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_aux_pool_opcheck(device, dtype):
-    x = torch.randn(3, 4, 9, 7, device=device, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.dgl_fast.aux_pool.default, (x, 2, 3, True))
-    g = torch.randn(3, 4, 2, 3, device=device, dtype=dtype)
-    torch.library.opcheck(torch.ops.dgl_fast.aux_pool_bwd.default, (g, 9, 7, False))
-
-
-def test_aux_pool_bad_input():
-    with pytest.raises(RuntimeError, match=r"aux_pool: expected features of shape \[B, C, H, W\], got \[2, 3, 4\]"):
-        ops.aux_pool(torch.randn(2, 3, 4), (2, 2))
-    with pytest.raises(RuntimeError, match="expected a positive output size"):
-        ops.aux_pool(torch.randn(2, 3, 4, 4), (0, 2))
-
-
-# --- linear_bn_relu ----------------------------------------------------------------------------
-
-
-def _lbr_inputs(N, K, M, dtype=torch.float32, device="cpu", bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def r(*s, dt=dtype):
-        return torch.randn(*s, generator=g).to(device=device, dtype=dt)
-
-    x, w = r(N, K), r(M, K) / K**0.5
-    b = r(M) if bias else None
-    gamma, beta = (1 + 0.5 * r(M, dt=sdt)), r(M, dt=sdt)
-    rm, rv = r(M, dt=sdt), (0.5 + torch.rand(M, generator=g)).to(device=device, dtype=sdt)
-    return x, w, b, gamma, beta, rm, rv
-
-
-@pytest.mark.parametrize("N,K,M", [(2, 3, 5), (3, 16, 7), (128, 64, 33), (1000, 12, 40)])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_bn_relu_matches_reference(device, N, K, M, training, bias):
-    inputs = _lbr_inputs(N, K, M, device=device, bias=bias)
-    x, w, b, gamma, beta, rm, rv = inputs
-    g = torch.randn(N, M, device=device)
-    results = {}
-    for name, fn, dt in (("ours", ops.linear_bn_relu, torch.float32), ("torch", reference.linear_bn_relu, torch.float32),
-                         ("exact", reference.linear_bn_relu, torch.float64)):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (x, w, gamma, beta)]
-        bias_ = b.detach().to(dt).requires_grad_() if bias else None
-        out, mean, var = fn(leaves[0], leaves[1], bias_, leaves[2], leaves[3], rm.to(dt), rv.to(dt), training)
-        out.backward(g.to(dt))
-        grads = [t.grad for t in leaves] + ([bias_.grad] if bias else [])
-        results[name] = [out, mean, var] + grads
-    names = ["out", "mean", "var", "grad_x", "grad_w", "grad_gamma", "grad_beta", "grad_bias"]
-    scale = max(e.abs().max().item() for e in results["exact"][3:])
-    for i, (a, t, e) in enumerate(zip(results["ours"], results["torch"], results["exact"])):
-        assert a.dtype == t.dtype
-        assert_within_2x(a, t, e, names[i], scale if i >= 3 else None)
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_bn_relu_gradcheck_float64(training, bias):
-    x, w, b, gamma, beta, rm, rv = _lbr_inputs(7, 4, 3, dtype=torch.float64, bias=bias, seed=2)
-    leaves = [t.requires_grad_() for t in (x, w, gamma, beta)] + ([b.requires_grad_()] if bias else [])
-
-    def fn(xx, ww, gg, bb, *bias_):
-        return ops.linear_bn_relu(xx, ww, bias_[0] if bias_ else None, gg, bb, rm, rv, training)[0]
-
-    assert torch.autograd.gradcheck(fn, tuple(leaves))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_bn_relu_opcheck(device, dtype):
-    x, w, b, gamma, beta, rm, rv = _lbr_inputs(9, 6, 5, dtype=dtype, device=device)
-    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), gamma.requires_grad_(), beta.requires_grad_(),
-            rm, rv, True, 1e-5)
-    torch.library.opcheck(torch.ops.dgl_fast.linear_bn_relu.default, args)
-    out, z, mean, var = torch.ops.dgl_fast.linear_bn_relu(*args)
-    torch.library.opcheck(torch.ops.dgl_fast.linear_bn_relu_bwd.default,
-                          (torch.randn_like(out), x.detach(), w.detach(), z, mean, var, gamma.detach(), beta.detach(),
-                           True, 1e-5))
-
-
-def test_bn_update_stats_matches_batchnorm(device):
-    torch.manual_seed(3)
-    bns = [torch.nn.BatchNorm1d(m, momentum=mom).to(device) for m, mom in ((5, 0.1), (7, 0.3))]
-    refs = copy.deepcopy(bns)
-    for bn in bns + refs:
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-    refs = copy.deepcopy(bns)
-    xs = [torch.randn(11, 5, device=device), torch.randn(4, 7, device=device)]
-    for bn, x in zip(refs, xs):
-        bn(x)
-    means = [x.mean(0) for x in xs]
-    vars_ = [x.var(0, unbiased=False) for x in xs]
-    args = ([bn.running_mean for bn in bns], [bn.running_var for bn in bns], [bn.num_batches_tracked for bn in bns],
-            means, vars_, [11, 4], [0.1, 0.3])
-    torch.library.opcheck(torch.ops.dgl_fast.bn_update_stats.default, args, test_utils=("test_schema",))
-    ops.bn_update_stats(*args)
-    for bn, ref in zip(bns, refs):
-        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
-        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
-
-
-def test_linear_bn_relu_bad_input():
-    x, w, b, gamma, beta, rm, rv = _lbr_inputs(4, 3, 5)
-    with pytest.raises(RuntimeError, match=r"expected weight of shape \[M, 3\], got \[5, 4\]"):
-        ops.linear_bn_relu(x, torch.randn(5, 4), b, gamma, beta, rm, rv, True)
-    with pytest.raises(RuntimeError, match="expected input and weight of the same floating dtype"):
-        ops.linear_bn_relu(x.double(), w, b, gamma, beta, rm, rv, True)
-    with pytest.raises(RuntimeError, match=r"expected more than 1 value per channel when training"):
-        ops.linear_bn_relu(x[:1], w, b, gamma, beta, rm, rv, True)
-    with pytest.raises(RuntimeError, match=r"expected BatchNorm weight of shape \[5\], got \[4\]"):
-        ops.linear_bn_relu(x, w, b, gamma[:4], beta, rm, rv, True)
 
 
 # --- the fused AuxHead -------------------------------------------------------------------------
@@ -385,25 +229,6 @@ def test_fallbacks_to_plain_pytorch():
     head = AuxHead(8, 4, 10, kind="mlp", fused=True)
     next(m for m in head.layers if isinstance(m, torch.nn.BatchNorm1d)).momentum = None  # cumulative average: not fused
     assert not head.uses_fused_ops()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_bn_relu_low_precision_within_2x(device, dtype):
-    if device.type == "cpu" and dtype == torch.float16:
-        pytest.skip("fp16 matrix products are a CUDA feature here")
-    x, w, b, gamma, beta, rm, rv = _lbr_inputs(64, 48, 40, device=device)
-    g = torch.randn(64, 40, device=device)
-    res = {}
-    for name, fn, dt in (("ours", ops.linear_bn_relu, dtype), ("torch", reference.linear_bn_relu, dtype),
-                         ("exact", reference.linear_bn_relu, torch.float64)):
-        sdt = torch.float64 if dt == torch.float64 else torch.float32
-        leaves = [x.to(dt).requires_grad_(), w.to(dt).requires_grad_(), b.to(dt).requires_grad_()]
-        out, mean, var = fn(leaves[0], leaves[1], leaves[2], gamma.to(sdt), beta.to(sdt), rm.to(sdt), rv.to(sdt), True)
-        out.backward(g.to(out.dtype))
-        res[name] = [out, mean, leaves[0].grad, leaves[1].grad]
-    assert res["ours"][0].dtype == dtype and res["ours"][1].dtype == torch.float32
-    for i, what in enumerate(["out", "mean", "grad_x", "grad_w"]):
-        assert_within_2x(res["ours"][i], res["torch"][i], res["exact"][i], what)
 
 
 def test_fused_head_traces_under_torch_compile():

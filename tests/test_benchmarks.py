@@ -10,8 +10,8 @@ from dgl_fast import bench, cli
 from dgl_fast.bench.common import md_table
 
 
-def test_bench_replay_quick(capsys):
-    assert cli.main(["bench", "replay", "--quick", "--no-write", "--device", "cpu"]) == 0
+def test_bench_replay_buffer_quick(capsys):
+    assert cli.main(["bench", "replay_buffer", "--quick", "--no-write", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Device copy ceiling measured in this run" in out and "stage-steps/s" in out
 

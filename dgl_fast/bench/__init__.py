@@ -2,13 +2,13 @@
 ``dgl_fast.bench.NAME.main(args)`` (also ``python -m dgl_fast.bench.NAME``). Each writes
 ``<name>-<device>.json`` and ``.md`` under ``--out-dir`` (default ``benchmarks/results`` in the
 current directory); ``common`` holds the shared helpers, ``authors_async`` the authors' async DGL
-that ``bench replay`` compares against."""
+that ``bench replay_buffer`` compares against."""
 
 from __future__ import annotations
 
 import importlib
 
-NAMES = ("accuracy", "aux_head", "memory", "overlap", "replay")
+NAMES = ("accuracy", "aux_head", "memory", "overlap", "replay_buffer")
 
 
 def run(name: str, argv: list[str]) -> int:

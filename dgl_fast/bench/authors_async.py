@@ -1,4 +1,4 @@
-"""Asynchronous DGL the way the authors' code runs it: the baseline of ``bench replay``.
+"""Asynchronous DGL the way the authors' code runs it: the baseline of ``bench replay_buffer``.
 
 One stage step at a time, eager, a replay buffer in host memory (every push copies activations
 to the host, every sample copies them back, through pageable memory), and a host sync per step

@@ -1,7 +1,7 @@
 """Replay buffer microbenchmarks and the asynchronous trainer against the authors' way.
 
-    python -m dgl_fast bench replay             # full run on the GPU, writes benchmarks/results/replay-<gpu>.*
-    python -m dgl_fast bench replay --quick     # tiny shapes (a smoke run; works on CPU)
+    python -m dgl_fast bench replay_buffer             # full run on the GPU, writes benchmarks/results/replay_buffer-<gpu>.*
+    python -m dgl_fast bench replay_buffer --quick     # tiny shapes (a smoke run; works on CPU)
 
 Part 1, push and sample: for the buffers of VGG-13 (K=4) and the aux-study net (K=6) at batch 128
 and 512, fp32 and bf16 storage: dgl_fast's ops eager and inside a CUDA graph, ``index_copy_`` /
@@ -174,7 +174,7 @@ def markdown(header, ceiling, rows, asy) -> str:
 
 
 def main(argv=None) -> int:
-    p = parser("replay", __doc__)
+    p = parser("replay_buffer", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke run)")
     args = p.parse_args(argv)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
     rows = bench_ops(device, shapes, batches, [torch.float32, torch.bfloat16], capacity, ceiling, reps)
     asy = bench_async(device, 4 if args.quick else 128, 3 if args.quick else 30, steps, width, args.quick)
-    return publish(args, "replay", device, {"header": header, "copy_gbs": ceiling, "ops": rows, "async": asy},
+    return publish(args, "replay_buffer", device, {"header": header, "copy_gbs": ceiling, "ops": rows, "async": asy},
                    markdown(header, ceiling, rows, asy))
 
 
