@@ -1,6 +1,6 @@
 """dgl_fast: fast Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020) for PyTorch."""
 
-from . import distributed, memory, models, ops, reference
+from . import balance, distributed, memory, models, ops, reference
 from ._native import build_config
 from .buffer import ReplayBuffer, Sample
 from .heads import HEAD_KINDS, AuxHead
@@ -9,4 +9,4 @@ from .trainer import StepOutput, Trainer
 
 __version__ = "0.1.0"
 __all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer", "build_config",
-           "distributed", "memory", "models", "ops", "reference", "__version__"]
+           "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]

@@ -15,6 +15,12 @@ engine that has one (``pipeline``/``streams`` in dgl mode, async): how CI tests 
 ``None``, ``"bf16"`` (CPU or CUDA with bf16 support), ``"fp16"`` (CUDA, one loss scaler per stage,
 no graphs). A :class:`~dgl_fast.streams.RecordedStreams` backend (``streams=``) runs async's
 free-running streams on the CPU.
+
+Several devices (``devices=[...]``, one process, stages in contiguous groups): ``dgl`` on the
+``sequential`` and ``pipeline`` engines (any devices, CUDA or CPU) and on ``streams`` (every device
+CUDA); ``sequential`` and ``backprop`` on the ``sequential`` engine; ``async`` on one device only.
+A list naming one device only (``["cpu", "cpu"]``) runs anything one device runs. Streams, CUDA
+graphs and fp16 need every device to be CUDA; ``amp`` needs devices of one kind.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class Config:
     slowdown: dict | None = None  # {stage index (0-based): noise}
     schedule: str = "random"
     seed: int = 0
+    devices: tuple = ()  # the distinct devices the stages run on (the first is ``device``)
 
 
 def _is_int(v) -> bool:
@@ -65,9 +72,10 @@ def _is_int(v) -> bool:
 
 
 def check_options(K: int, mode, device: torch.device, *, engine, cuda_graphs, amp, channels_last, streams,
-                  buffer_capacity, policy, max_reuse, buffer_dtype, slowdown, schedule, seed) -> Config:
+                  buffer_capacity, policy, max_reuse, buffer_dtype, slowdown, schedule, seed, devices=()) -> Config:
     """Check every option that does not depend on the optimizers; a ValueError (TypeError for a
-    wrong kind of object) names what was expected and what was given."""
+    wrong kind of object) names what was expected and what was given. ``devices``: the devices
+    of the stage groups (``device`` is the first), when the stages are spread over several."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if schedule not in SCHEDULES:
@@ -85,7 +93,15 @@ def check_options(K: int, mode, device: torch.device, *, engine, cuda_graphs, am
             raise ValueError(f"unknown replay policy {policy!r}; expected one of {', '.join(REPLAY_POLICIES)}")
         if max_reuse is not None and (not _is_int(max_reuse) or max_reuse < 1):
             raise ValueError(f"max_reuse must be None or an int >= 1, got {max_reuse!r}")
-    cuda = device.type == "cuda"
+    devices = tuple(dict.fromkeys([device, *devices]))
+    cuda = all(d.type == "cuda" for d in devices)
+    if len(devices) > 1:
+        device = ", ".join(map(str, devices))  # named in the messages below
+        if mode == "async":
+            raise ValueError(f"mode='async' runs on one device, got devices {device}; on several devices use mode='dgl' "
+                             "(engines sequential, pipeline, streams), 'sequential' or 'backprop' (engine sequential)")
+        if amp is not None and not cuda and any(d.type == "cuda" for d in devices):
+            raise ValueError(f"amp={amp!r} autocasts one kind of device, got devices {device}; use devices of one kind")
     recorded = bool(getattr(streams, "recorded", False))
     if streams is not None and not (recorded or isinstance(streams, CudaStreams)):
         raise TypeError(f"streams must be a dgl_fast.streams.CudaStreams or RecordedStreams, got {type(streams).__name__}")
@@ -114,20 +130,22 @@ def check_options(K: int, mode, device: torch.device, *, engine, cuda_graphs, am
                          "the graph code path anywhere)")
     if amp == "fp16" and not cuda:
         raise ValueError(f"amp='fp16' needs a CUDA device, got device {device}; use amp='bf16' on the CPU")
-    if amp == "bf16" and cuda and torch.cuda.get_device_capability(device)[0] < 8:
-        raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(device)}; use 'fp16'")
+    for d in devices if amp == "bf16" and cuda else ():
+        if torch.cuda.get_device_capability(d)[0] < 8:
+            raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(d)}; use 'fp16'")
     if amp == "fp16" and cuda_graphs:
         raise ValueError("amp='fp16' needs a loss scaler whose inf checks sync the host, which CUDA graphs cannot "
                          "capture; use amp='bf16' or cuda_graphs=False")
     if cuda_graphs is True and engine in ("sequential", "pipeline"):
         raise ValueError(f"cuda_graphs=True runs in the streams engine, got engine={engine!r}")
-    return Config(mode, device, engine, cuda_graphs, False, AMP[amp], bool(channels_last), streams, buffer_capacity,
-                  policy, max_reuse, buffer_dtype, {j - 1: float(v) for j, v in slowdown.items()}, schedule, int(seed))
+    return Config(mode, devices[0], engine, cuda_graphs, False, AMP[amp], bool(channels_last), streams, buffer_capacity,
+                  policy, max_reuse, buffer_dtype, {j - 1: float(v) for j, v in slowdown.items()}, schedule, int(seed),
+                  devices)
 
 
 def resolve_engine(cfg: Config, optimizers: list, K: int) -> Config:
     """Resolve ``"auto"`` and ``cuda_graphs=None`` (the table above) now that the optimizers exist."""
-    mode, cuda = cfg.mode, cfg.device.type == "cuda"
+    mode, cuda = cfg.mode, all(d.type == "cuda" for d in cfg.devices or (cfg.device,))
     recorded = bool(getattr(cfg.streams, "recorded", False))
     engine = cfg.engine
     if engine == "auto":

@@ -17,8 +17,14 @@ import torch.nn as nn
 
 from . import ops
 from .heads import AuxHead
+from .utils import hand_off
 
-__all__ = ["StageStep", "BackpropStep", "head_loss"]
+__all__ = ["StageStep", "BackpropStep", "head_loss", "default_optimizer"]
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """The paper's CIFAR optimizer: SGD, lr 0.1, momentum 0.9, weight decay 5e-4."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
 def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,19 +94,22 @@ class StageStep(_Precision):
 
 
 class BackpropStep(_Precision):
-    """End-to-end backprop's step: every stage, then the last head, one optimizer."""
+    """End-to-end backprop's step: every stage, then the last head, one optimizer. With
+    ``stage_devices`` (one per stage; the last head sits with the last stage) the activations and
+    their gradients cross devices (differentiable copies)."""
 
     def __init__(self, stages: nn.ModuleList, head: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, amp: torch.dtype | None = None, scaler=None):
+                 device: torch.device, amp: torch.dtype | None = None, scaler=None, stage_devices: list | None = None):
         super().__init__(device, amp, scaler)
         self.stages, self.head, self.optimizer = stages, head, optimizer
+        self.stage_devices = list(stage_devices) if stage_devices is not None else [device] * len(stages)
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor):
         with self.autocast():
             h = x
-            for stage in self.stages:
-                h = stage(h)
-            return head_loss(self.head, h, y)
+            for stage, dev in zip(self.stages, self.stage_devices):
+                h = stage(hand_off(h, dev))
+            return head_loss(self.head, h, hand_off(y, self.stage_devices[-1]))
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         """Returns ``(loss, correct)`` of the last head."""

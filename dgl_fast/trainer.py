@@ -11,22 +11,18 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import checkpoint, config, fitting
+from . import placement as placing
 from .config import MODES
 from .evaluation import accuracy
 from .fitting import TrainingDiverged
 from .model import DecoupledModel
 from .schedules import SCHEDULES, AsyncSchedule, PipelinedSchedule, SequentialSchedule, StepOutput
-from .stage import BackpropStep, StageStep
+from .stage import BackpropStep, StageStep, default_optimizer
 from .utils import BatchChecker, resolve_device
 
 __all__ = ["Trainer", "StepOutput", "TrainingDiverged", "MODES", "SCHEDULES", "resolve_device", "default_optimizer"]
 
 _STATE_VERSION = 3
-
-
-def default_optimizer(params) -> torch.optim.Optimizer:
-    """The paper's CIFAR optimizer: SGD, lr 0.1, momentum 0.9, weight decay 5e-4."""
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
 class Trainer:
@@ -41,7 +37,21 @@ class Trainer:
             epochs, then frozen with BatchNorm in eval mode, then stage 2, ...), ``"backprop"``
             (end-to-end, the last head's loss only), ``"async"`` (asynchronous DGL with a
             :class:`~dgl_fast.ReplayBuffer` between stages, simulated as in the authors' code).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+        devices: instead of ``device``, a list of devices, one per contiguous group of stages (in
+            order; a device may repeat, CPU allowed): stage j runs on ``devices[placement[j]]``,
+            activations and labels cross groups by non-blocking copies (ordered by events on
+            CUDA), every device keeps its own stage streams and CUDA graphs. Supported: ``dgl`` on
+            the sequential, pipeline and streams (all-CUDA) engines; ``sequential`` and ``backprop``
+            on the sequential engine; ``async`` on one distinct device only. Inputs, metrics and
+            :class:`StepOutput` live on ``devices[0]`` (``trainer.device``).
+        placement: the group (index into ``devices``) of each stage, non-decreasing from 0 to
+            ``len(devices) - 1`` without gaps. Default: :func:`dgl_fast.balance.balance` times the
+            stage steps on a random batch of ``balance_batch`` inputs of the model's
+            ``input_shape`` (on ``devices[0]``) and picks the grouping with the fastest slowest
+            group. Attributes: ``placement``, ``stage_devices``, ``devices``, ``balance_report``
+            (the :class:`~dgl_fast.balance.Balance`, or None) and ``predicted_throughput``
+            (samples/s its timings predict; None when the placement was given).
         lr_schedule: optional ``epoch -> factor``; each epoch's learning rate is the optimizer's
             initial one times the factor (epochs count per stage in sequential and async modes).
         buffer_capacity, policy, max_reuse, buffer_dtype: the replay buffers of ``async`` mode
@@ -98,11 +108,11 @@ class Trainer:
     """
 
     def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, mode: str = "dgl",
-                 device="cpu", lr_schedule: Callable[[int], float] | None = None, *, buffer_capacity: int = 30,
+                 device=None, lr_schedule: Callable[[int], float] | None = None, *, buffer_capacity: int = 30,
                  policy: str = "priority_lifo", max_reuse: int | None = None, slowdown: dict | None = None,
                  schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0,
                  engine: str = "auto", cuda_graphs: bool | str | None = None, amp: str | None = None,
-                 channels_last: bool = False, streams=None):
+                 channels_last: bool = False, streams=None, devices=None, placement=None, balance_batch: int = 32):
         if not isinstance(model, DecoupledModel):
             raise TypeError(f"Trainer expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
         if optimizer is not None and not callable(optimizer):
@@ -110,12 +120,18 @@ class Trainer:
         if lr_schedule is not None and not callable(lr_schedule):
             raise TypeError("lr_schedule must be a callable epoch -> learning-rate factor")
         K = model.num_stages
-        cfg = config.check_options(K, mode, resolve_device(device), engine=engine, cuda_graphs=cuda_graphs, amp=amp,
-                                   channels_last=channels_last, streams=streams, buffer_capacity=buffer_capacity,
+        plan = placing.plan(model, device, devices, placement, optimizer=optimizer, balance_batch=balance_batch)
+        cfg = config.check_options(K, mode, plan.devices[0], devices=plan.distinct, engine=engine, cuda_graphs=cuda_graphs,
+                                   amp=amp, channels_last=channels_last, streams=streams, buffer_capacity=buffer_capacity,
                                    policy=policy, max_reuse=max_reuse, buffer_dtype=buffer_dtype, slowdown=slowdown,
                                    schedule=schedule, seed=seed)
         self.mode, self.device, self.amp, self.channels_last = mode, cfg.device, cfg.amp, cfg.channels_last
-        self.model = model.to(self.device)
+        #: the group devices, each stage's group and device, and the balance that chose them (or None)
+        self.devices, self.placement, self.stage_devices = plan.devices, plan.placement, plan.stage_devices
+        self.balance_report = plan.balance
+        #: samples/s the balance's stage timings predict for the placement (None if not balanced)
+        self.predicted_throughput = plan.balance.predicted_throughput if plan.balance is not None else None
+        self.model = placing.place(model, plan)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.lr_schedule = lr_schedule
@@ -135,12 +151,14 @@ class Trainer:
         scalers = [torch.amp.GradScaler("cuda") if amp == "fp16" else None for _ in self.optimizers]
         #: the stage steps (:class:`~dgl_fast.stage.StageStep`) every schedule runs; empty in backprop mode
         self.steps = [] if mode == "backprop" else [
-            StageStep(j, model.stages[j], model.heads[j], o, self.device, self.amp, s)
+            StageStep(j, model.stages[j], model.heads[j], o, self.stage_devices[j], self.amp, s)
             for j, (o, s) in enumerate(zip(self.optimizers, scalers))]
         self.backprop_step = (BackpropStep(model.stages, model.heads[-1], self.optimizers[0], self.device, self.amp,
-                                           scalers[0]) if mode == "backprop" else None)
+                                           scalers[0], self.stage_devices) if mode == "backprop" else None)
         self.schedule = self._make_schedule(cfg, K)
-        self.batches = BatchChecker(self.model, self.device, self.channels_last)
+        # the model as evaluation and batch checks see it: through the placement when it spans devices
+        self._placed = placing.PlacedModel(model, self.stage_devices, self.device) if len(plan.distinct) > 1 else model
+        self.batches = BatchChecker(self._placed, self.device, self.channels_last)
         self.epoch = 0  # epochs completed (over all stages in sequential mode)
         self.global_step = 0
         self.active_stage = 0  # the stage being trained in sequential mode
@@ -161,7 +179,7 @@ class Trainer:
                                  graphs=graphs, emulate_graphs=cfg.emulate_graphs)
         if cfg.mode == "dgl" and cfg.engine in ("pipeline", "streams"):
             return PipelinedSchedule(self.steps, self.device, streams=cfg.engine == "streams", graphs=graphs,
-                                     emulate_graphs=cfg.emulate_graphs)
+                                     emulate_graphs=cfg.emulate_graphs, placement=self.placement)
         return SequentialSchedule(cfg.mode, self.steps, self.backprop_step, K, self.device)
 
     # ------------------------------------------------------------------ state the schedule keeps
@@ -267,6 +285,8 @@ class Trainer:
         (:func:`dgl_fast.memory.memory_report`; no parameter or statistic changes)."""
         from .memory import memory_report  # noqa: PLC0415
 
+        if self._placed is not self.model:
+            raise ValueError(f"memory_report measures a model on one device; this trainer's stages are on {self.devices}")
         x, y = self.prepare_batch(x, y)
         self.flush()
         optimizers = self.optimizers if len(self.optimizers) == self.model.num_stages else None
@@ -287,7 +307,7 @@ class Trainer:
 
     def _eval_pass(self, loader: Iterable) -> tuple[list[float], float]:
         self.flush()
-        return accuracy(self.model, loader, lambda x, y: self.prepare_batch(x, y, training=False), self._autocast,
+        return accuracy(self._placed, loader, lambda x, y: self.prepare_batch(x, y, training=False), self._autocast,
                         lambda: self.batches.num_classes, self.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -303,8 +323,8 @@ class Trainer:
                 "history": self.history, "rng": checkpoint.rng_state(self.device), "stage_steps": list(self.stage_steps),
                 "schedule": self.schedule.state_dict()}
 
-    def _check_state(self, state) -> None:
-        """Refuse a state that does not fit this trainer, before anything is copied."""
+    def check_state(self, state) -> None:
+        """Raise ValueError naming what in ``state`` does not fit this trainer (nothing changes)."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a dgl_fast trainer state of version {_STATE_VERSION} (got version {got!r})")
@@ -325,7 +345,7 @@ class Trainer:
         """Restore what :meth:`state_dict` saved: all or nothing. The state is checked against this
         trainer first (mode, K, every model tensor's name, shape and dtype, optimizer types and
         state, replay buffers) and a mismatch raises a ValueError naming it, with nothing changed."""
-        self._check_state(state)
+        self.check_state(state)
         self.flush()
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):

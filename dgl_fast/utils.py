@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-__all__ = ["resolve_device", "has_batchnorm", "kept_modes", "to_device", "BatchChecker"]
+__all__ = ["resolve_device", "has_batchnorm", "kept_modes", "to_device", "hand_off", "BatchChecker"]
 
 
 def resolve_device(device) -> torch.device:
@@ -49,6 +49,23 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, dtype=torch.long, non_blocking=True)
+
+
+def hand_off(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, for a stage (or head, or metric) there: ``t`` itself when it already is,
+    else a copy, non-blocking (blocking from CUDA to the CPU, whose host reads it at once).
+
+    On CUDA, PyTorch runs a cross-device copy on the source device's current stream, ordered after
+    the current streams of both devices: the caller makes the destination's current stream (the
+    consuming stage's stream) wait for the producer's event first. The source is read on its
+    device's current stream, so it is recorded there (``record_stream``): its memory is not reused
+    before the copy ran, even if the producer's stream drops it at once."""
+    if t.device == device:
+        return t
+    if t.device.type == "cuda":
+        t.record_stream(torch.cuda.current_stream(t.device))
+        return t.to(device, non_blocking=device.type == "cuda")
+    return t.to(device, non_blocking=True)
 
 
 class BatchChecker:

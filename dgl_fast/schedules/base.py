@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils import hand_off
+
 __all__ = ["Schedule", "StageMetrics", "StepOutput", "stack_output"]
 
 
@@ -35,12 +37,14 @@ _IDLE: dict = {}  # device -> (NaN, 0): constants for stages idle in a step, mad
 
 
 def stack_output(losses: list, correct: list, batch_size: int, samples: tuple, device: torch.device) -> StepOutput:
-    """Stack per-stage metrics (None for a stage that did not train: NaN / 0)."""
+    """Stack per-stage metrics (None for a stage that did not train: NaN / 0) on ``device``
+    (stages on other devices hand theirs over; the caller orders ``device``'s current stream
+    after the stages' work)."""
     if device not in _IDLE:
         _IDLE[device] = (torch.full((), math.nan, device=device), torch.zeros((), dtype=torch.long, device=device))
     nan, zero = _IDLE[device]
-    return StepOutput(torch.stack([nan if v is None else v.float() for v in losses]),
-                      torch.stack([zero if v is None else v for v in correct]), batch_size, samples)
+    return StepOutput(torch.stack([nan if v is None else hand_off(v.float(), device) for v in losses]),
+                      torch.stack([zero if v is None else hand_off(v, device) for v in correct]), batch_size, samples)
 
 
 class StageMetrics:
@@ -48,27 +52,38 @@ class StageMetrics:
 
     Stage j adds to element j only (one kernel each), on whatever stream runs its step, so stages
     on different streams never touch the same memory; :meth:`read` is a host synchronisation
-    the caller orders after the stages' work."""
+    the caller orders after the stages' work. With ``stage_devices`` (stages on several devices)
+    each device keeps its own sums (``loss_sum`` and ``correct_sum`` are ``device``'s) and stage j
+    adds on its own device."""
 
-    def __init__(self, K: int, device: torch.device):
-        self.loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
-        self.correct_sum = torch.zeros(K, dtype=torch.long, device=device)
+    def __init__(self, K: int, device: torch.device, stage_devices: list | None = None):
+        stage_devices = list(stage_devices) if stage_devices is not None else [device] * K
+        sums = {d: (torch.zeros(K, dtype=torch.float64, device=d), torch.zeros(K, dtype=torch.long, device=d))
+                for d in dict.fromkeys([device, *stage_devices])}
+        self.loss_sum, self.correct_sum = sums[device]
+        self._sums = list(sums.values())
+        self._stage = [sums[d] for d in stage_devices]
         self.samples = [0] * K  # known on the host: every step's batch size
 
     def add(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int, count: bool = True) -> None:
         """Add a step's mean loss (times its ``n`` samples) and correct count to stage j;
         ``count=False`` leaves the host sample count to the caller (inside a CUDA graph)."""
-        self.loss_sum.select(0, j).add_(loss.detach(), alpha=n)
-        self.correct_sum.select(0, j).add_(correct)
+        loss_sum, correct_sum = self._stage[j]
+        loss_sum.select(0, j).add_(loss.detach(), alpha=n)
+        correct_sum.select(0, j).add_(correct)
         if count:
             self.samples[j] += n
 
     def read(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
         """Per-stage (mean loss, correct, samples) since the last reset (a host sync)."""
         sums, hits, samples = self.loss_sum.tolist(), self.correct_sum.tolist(), list(self.samples)
+        for loss_sum, correct_sum in self._sums[1:]:  # other devices: zero except their own stages
+            sums = [a + b for a, b in zip(sums, loss_sum.tolist())]
+            hits = [a + b for a, b in zip(hits, correct_sum.tolist())]
         if reset:
-            self.loss_sum.zero_()
-            self.correct_sum.zero_()
+            for loss_sum, correct_sum in self._sums:
+                loss_sum.zero_()
+                correct_sum.zero_()
             self.samples = [0] * len(samples)
         return [t / n if n else math.nan for t, n in zip(sums, samples)], hits, samples
 

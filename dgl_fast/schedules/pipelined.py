@@ -14,6 +14,12 @@ declared with ``record_stream``); graph ticks use static buffers double-buffered
 stage j writes ``out[j][b % 2]`` for batch b while stage j + 1 reads ``out[j][(b - 1) % 2]``, so
 stage j at tick t also waits for stage j + 1 at tick t - 1 (the reader of the buffer it is about
 to overwrite). Metrics accumulate on the device, in the graphs themselves.
+
+Stages on several devices (``steps[j].device``, one process): stage j's stream lives on its
+device and its graphs are captured there. At a group boundary (``placement``) the activations and
+labels cross with non-blocking copies made in the receiving stage's stream context after it
+waited for the producer's event (eager: fresh copies, the source recorded on the stream that
+reads it; graphs: into the receiver's own static input buffers, double-buffered like the rest).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import kept_modes
+from ..utils import hand_off, kept_modes
 from .base import Schedule, StageMetrics, StepOutput, stack_output
 from .graphs import GraphSGD, capture
 
@@ -61,22 +67,29 @@ class PipelinedSchedule(Schedule):
         graphs: replay one CUDA graph per stage step after ``warmup`` eager ticks.
         emulate_graphs: run the graph code path without capturing (any device; see
             :mod:`dgl_fast.schedules.graphs`).
+        placement: group of each stage (default: by device); a stage starting a group receives
+            its input by a copy into its own buffers (also between groups on one device).
     """
 
     accumulates = True
 
     def __init__(self, steps: list, device: torch.device, streams: bool, graphs: bool, warmup: int = 3,
-                 emulate_graphs: bool = False):
+                 emulate_graphs: bool = False, placement: list[int] | None = None):
         super().__init__(len(steps), device)
         self.steps = steps
-        cuda = self.device.type == "cuda"
+        self.stage_devices = [s.device for s in steps]
+        self.all_devices = list(dict.fromkeys([self.device, *self.stage_devices]))
+        cuda = all(d.type == "cuda" for d in self.all_devices)
         if (streams or (graphs and not emulate_graphs)) and not cuda:
-            raise ValueError("CUDA streams and graphs need a CUDA device")
+            raise ValueError("CUDA streams and graphs need CUDA devices")
+        groups = placement if placement is not None else self.stage_devices
+        #: whether stage j starts a group: its input arrives by a copy into its own buffers
+        self.receives = [j == 0 or groups[j] != groups[j - 1] for j in range(self.K)]
         # emulate_graphs (tests, any device): "capture" stores the stage-step function bound to the
         # static buffers and "replay" calls it, so the graph path's data flow (parity buffers,
         # label hand-offs, GraphSGD, in-graph metrics) runs where no GPU is.
         self.emulate_graphs = emulate_graphs
-        self.streams = [torch.cuda.Stream(self.device) for _ in range(self.K)] if streams else None
+        self.streams = [torch.cuda.Stream(d) for d in self.stage_devices] if streams else None
         self.use_graphs = graphs
         self.warmup = warmup
         self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch) waiting for stage j
@@ -86,7 +99,7 @@ class PipelinedSchedule(Schedule):
         # two events per stage, used by tick parity: a tick waits on the previous tick's events
         # while it records its own, with no new event object per stage step
         self._events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in range(self.K)] if streams else None
-        self.metrics = StageMetrics(self.K, self.device)  # device-side, one entry per stage
+        self.metrics = StageMetrics(self.K, self.device, self.stage_devices)  # device-side, one entry per stage
         #: the captured graphs and their static buffers (None before capture)
         self.graph_state: list[_StageGraphs] | None = None
         self._graph_shape = None
@@ -161,17 +174,19 @@ class PipelinedSchedule(Schedule):
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 self._wait_neighbours(j, prev, cur)
-                if stream is not None:
+                dev = self.stage_devices[j]
+                if stream is not None and h_in.device == dev:
                     h_in.record_stream(stream)
                     y.record_stream(stream)
+                h_in, y = hand_off(h_in, dev), hand_off(y, dev)  # a copy made (and allocated) on this stream
                 start = self._trace_start(j)
                 h_out, loss, correct = self.steps[j].step(h_in, y)
                 self.metrics.add(j, loss, correct, y.shape[0])
                 self._record_done(j)
                 self._trace_end(j, b, start)
-            if stream is not None:
-                loss.record_stream(cur)
-                correct.record_stream(cur)
+            if stream is not None:  # read later on the current stream of their device
+                loss.record_stream(torch.cuda.current_stream(loss.device))
+                correct.record_stream(torch.cuda.current_stream(correct.device))
             if j + 1 < self.K:
                 nxt[j + 1] = (h_out, y, b)
             batches[j], samples[j] = b, y.shape[0]
@@ -194,22 +209,23 @@ class PipelinedSchedule(Schedule):
             for step in self.steps[:-1]:
                 with kept_modes(step.stage), step.autocast():
                     step.stage.eval()
-                    h = step.stage(h)
+                    h = step.stage(hand_off(h, step.device))
                 probes.append(h)
-        for p in range(2):
-            state[0].inputs[p] = torch.empty_like(x)
+        for j, dev in enumerate(self.stage_devices):
+            for p in range(2):
+                state[j].labels[p] = torch.empty_like(y, device=dev)
+                if self.receives[j]:  # stage 0 and the first stage of each group: own input buffers
+                    state[j].inputs[p] = torch.empty_like(x if j == 0 else probes[j - 1], device=dev)
         for j in range(self.K):
             for p in range(2):
-                state[j].labels[p] = torch.empty_like(y)
-        for j in range(self.K):
-            for p in range(2):
-                src = state[0].inputs[p] if j == 0 else state[j - 1].outputs[p]
+                src = state[j].inputs[p] if self.receives[j] else state[j - 1].outputs[p]
                 if j < self.K - 1:
                     state[j].outputs[p] = torch.empty_like(probes[j])
                 for opt in optimizers:  # gradients are allocated inside the graph
                     opt.zero_grad(set_to_none=True)
                 state[j].graphs[p] = capture(self._graph_body, j, src, state[j].labels[p], state[j].outputs[p],
-                                             device=self.device, stream=self._stream(j), emulate=self.emulate_graphs)
+                                             device=self.stage_devices[j], stream=self._stream(j),
+                                             emulate=self.emulate_graphs)
         for opt in optimizers:  # .grad must not point into a graph's memory for an eager step
             opt.zero_grad(set_to_none=True)
         self.graph_state = state
@@ -245,7 +261,9 @@ class PipelinedSchedule(Schedule):
                         y.record_stream(stream)
                     st[0].inputs[p].copy_(x, non_blocking=True)
                     st[0].labels[p].copy_(y, non_blocking=True)
-                else:
+                else:  # after the producer's event: cross-device copies follow this stream
+                    if self.receives[j]:
+                        st[j].inputs[p].copy_(st[j - 1].outputs[p], non_blocking=True)
                     st[j].labels[p].copy_(st[j - 1].labels[p], non_blocking=True)
                 start = self._trace_start(j)
                 st[j].graphs[p].replay()
@@ -310,18 +328,20 @@ class PipelinedSchedule(Schedule):
         return out
 
     def sync_to_current(self) -> None:
-        """Make the current stream wait for every stage's last work (no host wait)."""
+        """Make the current stream (of every device a stage or the caller uses) wait for every
+        stage's last work (no host wait)."""
         if self.streams is None:
             return
-        cur = torch.cuda.current_stream(self.device)
-        for ev in self.done:
-            if ev is not None:
-                cur.wait_event(ev)
+        for d in self.all_devices:
+            cur = torch.cuda.current_stream(d)
+            for ev in self.done:
+                if ev is not None:
+                    cur.wait_event(ev)
 
     def read_metrics(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
         """Per-stage (mean loss, correct, samples) since the last reset; a host sync."""
         if self.streams is not None:
-            torch.cuda.synchronize(self.device)
+            self._synchronize()
         out = self.metrics.read(reset)
         if reset:
             self._streams_wait_current()
@@ -332,9 +352,10 @@ class PipelinedSchedule(Schedule):
         metric accumulators, a new learning rate) before its next step."""
         if self.streams is None:
             return
-        cur = torch.cuda.current_stream(self.device)
         for s in set(self.streams):
-            s.wait_stream(cur)
+            s.wait_stream(torch.cuda.current_stream(s.device))
+            if s.device != self.device:
+                s.wait_stream(torch.cuda.current_stream(self.device))
 
     def reset(self) -> None:
         """Forget captured graphs (they re-capture after the warm-up ticks): after the model's or
@@ -358,6 +379,10 @@ class PipelinedSchedule(Schedule):
         if self.graph_state is not None and not self.emulate_graphs:
             # replays may still run on the stage streams; a rare event (a learning-rate change, a
             # new batch shape), so the host simply waits before the graphs and buffers are freed
-            torch.cuda.synchronize(self.device)
+            self._synchronize()
         self.graph_state = None
         self._graph_opts, self._graph_shape = None, None
+
+    def _synchronize(self) -> None:
+        for d in self.all_devices:
+            torch.cuda.synchronize(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import hand_off
 from .base import Schedule, StepOutput, stack_output
 
 __all__ = ["SequentialSchedule"]
@@ -27,18 +28,20 @@ class SequentialSchedule(Schedule):
     def feed(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         K = self.K
         losses, correct = [None] * K, [None] * K
-        if self.mode == "dgl":
-            h = x
+        if self.mode == "dgl":  # stages on other devices get the activations and labels handed over
+            h, y_j = x, y
             for j, step in enumerate(self.steps):
-                h, losses[j], correct[j] = step.step(h, y)
+                h, y_j = hand_off(h, step.device), hand_off(y_j, step.device)
+                h, losses[j], correct[j] = step.step(h, y_j)
         elif self.mode == "sequential":
             j = self.active_stage
             h = x
             with torch.no_grad():
                 for step in self.steps[:j]:
                     with step.autocast():
-                        h = step.stage(h)
-            _, losses[j], correct[j] = self.steps[j].step(h, y)
+                        h = step.stage(hand_off(h, step.device))
+            dev = self.steps[j].device
+            _, losses[j], correct[j] = self.steps[j].step(hand_off(h, dev), hand_off(y, dev))
         else:  # backprop
             losses[K - 1], correct[K - 1] = self.backprop_step.step(x, y)
         B = x.shape[0]

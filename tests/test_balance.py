@@ -1,0 +1,163 @@
+"""dgl_fast.balance: the exact contiguous partition (against brute force), and timing real stage
+steps without touching the caller's model."""
+
+import copy
+import dataclasses
+import itertools
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dgl_fast
+from dgl_fast.balance import Balance, balance, group_times, partition
+from helpers import batches, sgd, small_model
+
+
+def _all_placements(K, parts):
+    for cuts in itertools.combinations(range(1, K), parts - 1):
+        bounds = (0, *cuts, K)
+        yield [g for g, (a, b) in enumerate(zip(bounds, bounds[1:])) for _ in range(b - a)]
+
+
+def _brute(times, parts):
+    """The rule partition() promises: smallest slowest group, then smallest sum of squares, then
+    the lexicographically smallest placement (integer times: every sum is exact)."""
+    return min(_all_placements(len(times), parts),
+               key=lambda p: (max(group_times(times, p)), sum(g * g for g in group_times(times, p)), p))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8])
+def test_partition_equals_brute_force_on_integer_times(K):
+    rng = random.Random(K)
+    for _ in range(30):
+        times = [float(rng.randint(0, 9)) for _ in range(K)]
+        for parts in range(1, K + 1):
+            assert partition(times, parts) == _brute(times, parts), (times, parts)
+
+
+@pytest.mark.parametrize("K", [2, 4, 7, 9])
+def test_partition_optimal_on_random_float_times(K):
+    rng = random.Random(100 + K)
+    for _ in range(20):
+        times = [rng.uniform(1e-4, 1e-2) for _ in range(K)]
+        for parts in range(1, K + 1):
+            p = partition(times, parts)
+            assert p[0] == 0 and p[-1] == parts - 1 and all(b - a in (0, 1) for a, b in zip(p, p[1:]))
+            best = min(max(group_times(times, q)) for q in _all_placements(K, parts))
+            assert max(group_times(times, p)) == pytest.approx(best, rel=1e-12)
+
+
+def test_partition_ties():
+    assert partition([1, 1, 1, 1], 2) == [0, 0, 1, 1]
+    assert partition([1, 1, 1, 1], 3) == [0, 0, 1, 2]  # earliest groups take the extra stage
+    assert partition([1, 1, 1, 1, 1, 1, 1], 3) == [0, 0, 0, 1, 1, 2, 2]
+    assert partition([0, 0, 0], 3) == [0, 1, 2]
+    assert partition([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]  # 5 | 5 beats 6 | 4
+    assert partition([2, 2, 2, 2, 2], 3) == [0, 0, 1, 1, 2]  # 4 | 4 | 2 and 4 | 2 | 4 tie: the earliest
+    assert partition([3, 1, 2, 2], 2) == [0, 0, 1, 1]  # 4 | 4
+    assert partition([1, 1, 1, 1, 4], 3) == [0, 0, 1, 1, 2]  # 2 | 2 | 4: the most even of the slowest-4 splits
+
+
+def test_partition_isolates_a_heavy_stage():
+    assert partition([1, 1, 10, 1], 3) == [0, 0, 1, 2]
+    assert partition([1, 1, 10, 1], 2) == [0, 0, 1, 1]
+    assert partition([10, 1, 1, 1], 2) == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("times,parts,match", [
+    ([1, 2], 0, r"parts must be an int from 1 to the number of stages \(2\), got 0"),
+    ([1, 2], 3, r"parts must be an int from 1 to the number of stages \(2\), got 3"),
+    ([1, 2], 1.0, "parts must be an int"),
+    ([1, 2], True, "parts must be an int"),
+    ([], 1, "at least one stage time"),
+    ([1, math.nan], 1, "finite and >= 0"),
+    ([1, -1], 1, "finite and >= 0"),
+])
+def test_partition_errors(times, parts, match):
+    with pytest.raises(ValueError, match=match):
+        partition(times, parts)
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_balance_leaves_the_model_alone_and_reports():
+    model = small_model(4, seed=1)
+    before = _params(model)
+    rng = torch.get_rng_state()
+    x, y = batches(1, B=16)[0]
+    bal = balance(model, (x, y), 2, optimizer=sgd, repeats=3, warmup=1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(bal, Balance) and bal.batch_size == 16
+    assert bal.placement == partition(bal.stage_times_s, 2)
+    assert len(bal.stage_times_s) == 4 and all(t > 0 for t in bal.stage_times_s)
+    assert bal.group_times_s == pytest.approx(group_times(bal.stage_times_s, bal.placement))
+    assert bal.predicted_throughput == pytest.approx(16 / max(bal.group_times_s))
+    # the hand-offs: [B, 4 + 2j, s, s] float32 outputs, s = 9, 5, 5, 3
+    assert bal.handoff_bytes == [16 * c * s * s * 4 for c, s in zip((4, 6, 8, 10), (9, 5, 5, 3))]
+    assert "placement" in str(bal) and "samples/s" in str(bal)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bal.batch_size = 3
+
+
+def test_balance_accepts_inputs_alone_and_one_part():
+    model = small_model(3)
+    x, _ = batches(1)[0]
+    bal = balance(model, x, 1, repeats=1, warmup=0)
+    assert bal.placement == [0, 0, 0] and len(bal.group_times_s) == 1
+    assert balance(model, x, 3, repeats=1).placement == [0, 1, 2]
+
+
+class _Heavy(nn.Module):
+    """The same stage, its forward repeated (the extra passes' results dropped)."""
+
+    def __init__(self, inner, times):
+        super().__init__()
+        self.inner, self.times = inner, times
+
+    def forward(self, x):
+        for _ in range(self.times - 1):
+            self.inner(x)
+        return self.inner(x)
+
+
+def test_balance_isolates_a_heavy_stage():
+    model = small_model(4, seed=2, size=16)
+    model.stages[2] = _Heavy(model.stages[2], 60)
+    x, y = batches(1, B=32, size=16)[0]
+    bal = balance(model, (x, y), 3, optimizer=sgd, repeats=5)
+    heavy = bal.placement[2]
+    assert bal.placement.count(heavy) == 1, str(bal)
+    assert bal.stage_times_s[2] > 5 * max(t for j, t in enumerate(bal.stage_times_s) if j != 2), str(bal)
+
+
+def test_balance_errors():
+    model = small_model(3)
+    x, y = batches(1)[0]
+    with pytest.raises(ValueError, match=r"parts must be an int from 1 to the number of stages \(3\), got 4"):
+        balance(model, (x, y), 4)
+    with pytest.raises(ValueError, match=r"parts must be an int .* got 0"):
+        balance(model, (x, y), 0)
+    with pytest.raises(ValueError, match=r"does not match the model's input_shape: expected \[B, 3, 9, 9\]"):
+        balance(model, (x[:, :, :8], y), 2)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        balance(model, (x[:1], y[:1]), 2)
+    with pytest.raises(ValueError, match=r"expected labels of shape \[6\]"):
+        balance(model, (x, y[:3]), 2)
+    with pytest.raises(TypeError, match="sample_batch must be a tensor x or a pair"):
+        balance(model, [x.numpy(), y], 2)
+    with pytest.raises(TypeError, match="expects a dgl_fast.DecoupledModel"):
+        balance(nn.Linear(2, 2), (x, y), 1)
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        balance(model, (x, y), 1, repeats=0)
+
+
+def test_module_is_exported():
+    assert dgl_fast.balance.balance is balance and dgl_fast.balance.partition is partition
+    assert copy.copy(dgl_fast.balance.__all__) == ["Balance", "balance", "partition", "group_times"]
