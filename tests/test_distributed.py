@@ -1,6 +1,8 @@
-"""DistributedDGL: stages placed on several processes (gloo on CPU) reproduce the sequential trainer."""
+"""DistributedDGL on gloo processes: the single-process trainer's result (bitwise for pipelines of
+stage groups, to float64 rounding for replicas), async progress, evaluation, exact resume."""
 
 import copy
+import datetime
 import os
 import socket
 
@@ -8,15 +10,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 import dgl_fast
-from dgl_fast.distributed import DistributedDGL, even_placement
-from helpers import batches, sgd, small_model
+from dgl_fast.distributed import ConfigMismatch, DistributedDGL, Layout, even_placement
+from helpers import assert_same_state, batches, sgd, small_model
 
 
-def _data():
-    data = batches(5, seed=2)
-    x, y = batches(1, seed=7)[0]
+def _data(B=6, dtype=torch.float32):
+    data = batches(5, B=B, seed=2, dtype=dtype)
+    x, y = batches(1, B=B, seed=7, dtype=dtype)[0]
     return data + [(x[:4], y[:4])]  # a partial last batch travels too
 
 
@@ -26,22 +29,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out, K, placement):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _spawn(fn, world, *args):
+    port = _free_port()
+    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, fn, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
-        model = small_model(K, seed=3, aux="mlp-sr", fused=True)  # the same weights on every rank
-        ddgl = DistributedDGL(model, optimizer=sgd, placement=placement)
-        records = ddgl.fit(_data() if ddgl.is_first else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
-        state = ddgl.full_state_dict()
-        if rank == 0:
-            torch.save({"state": state, "records": records, "stages": ddgl.stages}, os.path.join(out, "result.pt"))
+        fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,K,placement", [(2, 3, None), (3, 4, [0, 1, 1, 2])])
-def test_distributed_equals_sequential(tmp_path, world, K, placement):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), K, placement), nprocs=world, join=True)
+def _nobn_model(K, seed=3, dtype=torch.float64):
+    """Conv + ReLU stages with linear heads: no BatchNorm, so replicas equal one big batch."""
+    torch.manual_seed(seed)
+    stages, heads, c, s = [], [], 3, 9
+    for j in range(K):
+        cout = 4 + 2 * j
+        stages.append(nn.Sequential(nn.Conv2d(c, cout, 3, stride=1 + j % 2, padding=1), nn.ReLU()))
+        s = (s - 1) // (1 + j % 2) + 1
+        heads.append(dgl_fast.AuxHead(cout, s, 5, kind="linear"))
+        c = cout
+    return dgl_fast.DecoupledModel(stages, heads, input_shape=(3, 9, 9)).to(dtype)
+
+
+# ---------------------------------------------------------------------- pipelines of stage groups
+
+def _sync_worker(rank, world, out, K, placement):
+    model = small_model(K, seed=3, aux="mlp-sr", fused=True)  # the same weights on every rank
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=placement, timeout=30)
+    records = ddgl.fit(_data() if ddgl.feeds else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
+    acc = ddgl.evaluate(_data() if ddgl.feeds else None)
+    state = ddgl.full_state_dict()
+    if rank == 0:
+        torch.save({"state": state, "records": records, "acc": acc, "placement": ddgl.placement},
+                   os.path.join(out, "result.pt"))
+
+
+@pytest.mark.parametrize("world,K,placement", [(2, 3, "even"), (3, 4, [0, 1, 1, 2]), (4, 4, "balance")])
+def test_pipeline_equals_sequential(tmp_path, world, K, placement):
+    _spawn(_sync_worker, world, str(tmp_path), K, placement)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     seq = dgl_fast.Trainer(copy.deepcopy(small_model(K, seed=3, aux="mlp-sr", fused=True)), optimizer=sgd,
                            engine="sequential")
@@ -53,57 +83,163 @@ def test_distributed_equals_sequential(tmp_path, world, K, placement):
     for a, b in zip(result["records"], recs):
         assert a["stage_samples"] == b["stage_samples"] == [34] * K
         assert a["train_acc"] == b["train_acc"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)  # float32 losses summed in float64
+    assert result["acc"] == seq.evaluate(_data())
+    assert sorted(set(result["placement"])) == list(range(world))
 
 
-def test_even_placement_and_errors():
+# ---------------------------------------------------------------------- stage groups x replicas
+
+def _grid_worker(rank, world, out, replicas):
+    model = _nobn_model(4)
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30)
+    assert ddgl.layout.coords(rank) == divmod(rank, 2)
+    ddgl.fit(_data(B=10, dtype=torch.float64) if ddgl.feeds else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
+    state = ddgl.full_state_dict()
+    mine = {f"{k}": v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    if rank == 0:
+        torch.save({"state": state, "parts": parts}, os.path.join(out, "result.pt"))
+
+
+def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
+    _spawn(_grid_worker, 4, str(tmp_path), 2)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential")
+    ref.fit(_data(B=10, dtype=torch.float64), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    got = _nobn_model(4)
+    got.load_state_dict(result["state"])
+    assert_same_state(got, ref.model, rtol=1e-10, atol=1e-10)  # (g1 b1 + g2 b2) / B: rounding only
+    for a, b in ((0, 2), (1, 3)):  # the replicas of a stage group hold the same weights, bitwise
+        for k in result["parts"][a]:
+            torch.testing.assert_close(result["parts"][a][k], result["parts"][b][k], rtol=0, atol=0)
+    untrained = _nobn_model(4).state_dict()
+    assert any(not torch.equal(untrained[k], v) for k, v in result["state"].items())
+
+
+# ---------------------------------------------------------------------- asynchronous DGL across ranks
+
+def _async_worker(rank, world, out):
+    model = small_model(3, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 1, 2], mode="async", buffer_capacity=3, timeout=30)
+    recs = ddgl.fit(batches(12, seed=4) if ddgl.feeds else None, epochs=2)
+    mine = ddgl.trainer.model.state_dict()
+    changed = [not torch.equal(before[f"{kind}.{ddgl.stages[int(i)]}.{rest}"], v)
+               for key, v in mine.items() for kind, i, rest in [key.split(".", 2)] if v.is_floating_point()]
+    steps = list(ddgl.trainer.stage_steps)
+    parts = [None] * world
+    dist.all_gather_object(parts, {"changed": all(changed), "steps": steps})
+    if rank == 0:
+        torch.save({"parts": parts, "records": recs}, os.path.join(out, "result.pt"))
+
+
+def test_async_makes_progress_on_every_rank(tmp_path):
+    _spawn(_async_worker, 3, str(tmp_path))
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    for part in result["parts"]:
+        assert part["changed"], part
+    last = result["records"][-1]
+    assert all(n > 0 for n in last["stage_samples"]), last
+    assert all(0 <= a <= 1 for a in last["train_acc"])
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+def _resume_worker(rank, world, out, phase):
+    model = small_model(3, seed=3, aux="mlp-sr", fused=True)
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1], timeout=30)
+    ckpt = os.path.join(out, "ckpt")
+    data = _data() if ddgl.feeds else None
+    if phase == "straight":
+        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
+    elif phase == "first":
+        ddgl.fit(data, epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=ckpt)
+        return
+    else:
+        ddgl.load(ckpt)
+        assert ddgl.epoch == 1
+        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
+    state = ddgl.full_state_dict()
+    if rank == 0:
+        torch.save(state, os.path.join(out, f"{phase}.pt"))
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    for phase in ("straight", "first", "resume"):
+        _spawn(_resume_worker, 2, str(tmp_path), phase)
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert names == ["manifest.json", "rank-00000-epoch-00001.pt", "rank-00001-epoch-00001.pt"]
+    a = torch.load(tmp_path / "straight.pt")
+    b = torch.load(tmp_path / "resume.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------- start-up agreement
+
+_MISMATCHES = [("width", "model structure"), ("depth", "model structure"), ("seed", "initial weights"),
+               ("data", "data"), ("epochs", "epochs")]
+
+
+def _mismatch_worker(rank, world, out):
+    for what, _ in _MISMATCHES:  # one launch per case, in one pair of processes
+        K = 4 if what == "depth" and rank == 1 else 3
+        seed = 4 if what == "seed" and rank == 1 else 3
+        model = _nobn_model(3, dtype=torch.float32) if what == "width" and rank == 1 else small_model(K, seed=seed)
+        data = "mnist5k" if what == "data" and rank == 1 else "synthetic"
+        try:
+            ddgl = DistributedDGL(model, optimizer=sgd, placement="even", timeout=30, fingerprint={"data": data})
+            ddgl.fit(_data() if ddgl.feeds else None, epochs=3 if what == "epochs" and rank == 1 else 2)
+            message = None
+        except ConfigMismatch as exc:
+            message = str(exc)
+        with open(os.path.join(out, f"{what}-{rank}.txt"), "w") as f:
+            f.write(repr(message))
+
+
+def test_ranks_launched_differently_refuse_to_start(tmp_path):
+    _spawn(_mismatch_worker, 2, str(tmp_path))
+    for what, field in _MISMATCHES:
+        for rank in range(2):
+            message = (tmp_path / f"{what}-{rank}.txt").read_text()
+            assert "refuse to start" in message and f" {field} (" in message, (what, message)
+            assert "on rank 0" in message and "on rank 1" in message
+
+
+# ---------------------------------------------------------------------- small pieces
+
+def test_layout_and_even_placement():
+    lay = Layout((0, 0, 1, 2), replicas=2)
+    assert (lay.groups, lay.world) == (3, 6)
+    assert lay.coords(4) == (1, 1) and lay.rank(1, 1) == 4
+    assert lay.describe(4) == "rank 4 (replica 2, stage 3)"
+    assert Layout((0, 0, 1), 1).describe(0) == "rank 0 (stages 1-2)"
     assert even_placement(5, 2) == [0, 0, 0, 1, 1]
-    assert even_placement(4, 4) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="cannot place 2 stages on 3 ranks"):
+    with pytest.raises(ValueError, match="cannot place 2 stages on 3 stage groups"):
         even_placement(2, 3)
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
             DistributedDGL(small_model(2), optimizer=sgd)
 
 
-def test_placement_checks_in_a_one_rank_group():
+def test_checks_in_a_one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match=r"placement must give each of the 2 stages a rank.*got \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"placement must give each of the 2 stages a stage group.*got \[0, 1\]"):
             DistributedDGL(small_model(2), optimizer=sgd, placement=[0, 1])
         with pytest.raises(ValueError, match="amp, engine and mode cannot be set"):
             DistributedDGL(small_model(2), optimizer=sgd, amp="bf16")
+        with pytest.raises(ValueError, match="replicas must divide the world size 1, got 2"):
+            DistributedDGL(small_model(2), optimizer=sgd, replicas=2)
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            DistributedDGL(small_model(2), optimizer=sgd, timeout=0)
         ddgl = DistributedDGL(small_model(2), optimizer=sgd)  # one rank holds every stage
-        assert ddgl.is_first and ddgl.is_last and ddgl.stages == [0, 1]
-        with pytest.raises(ValueError, match="the first rank must pass the training loader"):
+        assert ddgl.feeds and ddgl.is_last and ddgl.stages == [0, 1]
+        with pytest.raises(ValueError, match=r"rank 0 \(stages 1-2\) feeds stage 1 and must pass the training loader"):
             ddgl.train_epoch(None)
         rec = ddgl.train_epoch(batches(2))
         assert rec["stage_samples"] == [12, 12]
     finally:
         dist.destroy_process_group()
-
-
-def test_cli_under_torchrun(tmp_path):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "dgl_fast", "train", "--distributed", "--data", "synthetic", "--in-size", "8", "--model", "aux-study",
-           "--depth", "3", "--width", "8", "--aux", "mlp", "--epochs", "2", "--batch-size", "64", "--out", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "held-out accuracy (synthetic, 2 ranks)" in res.stdout
-    import json
-
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["placement"] == [0, 0, 1] and summary["epochs_done"] == 2
-    assert all(n > 0 for n in summary["train"][-1]["stage_samples"])
-
-
-def test_cli_distributed_needs_torchrun(capsys):
-    from dgl_fast import cli
-
-    if "RANK" in os.environ:
-        pytest.skip("running under a launcher")
-    assert cli.main(["train", "--distributed", "--data", "synthetic", "--no-progress"]) == 2
-    assert "--distributed expects to be launched by torchrun" in capsys.readouterr().err

@@ -1,0 +1,15 @@
+"""DGL across processes, GPUs and machines through ``torch.distributed``.
+
+- :mod:`.runner`: :class:`DistributedDGL`, one rank's share of a grid of stage groups x replicas
+  (synchronous or asynchronous DGL), with evaluation and checkpoints.
+- :mod:`.protocol`: the grid layout, checked message headers, timeouts, :class:`PeerError`.
+- :mod:`.agreement`: the start-up check that every rank was launched alike (:class:`ConfigMismatch`).
+- :mod:`.replicas`: gradient averaging of a stage group's replicas, overlapped with the backward.
+- :mod:`.files`: per-rank checkpoint files and their manifest.
+"""
+
+from .agreement import ConfigMismatch, agree
+from .protocol import Layout, PeerError
+from .runner import DistributedDGL, even_placement
+
+__all__ = ["ConfigMismatch", "DistributedDGL", "Layout", "PeerError", "agree", "even_placement"]

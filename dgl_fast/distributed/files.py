@@ -1,0 +1,101 @@
+"""Checkpoints of a distributed run: one file per rank and one manifest.
+
+Each rank writes its stages' trainer state with :func:`dgl_fast.checkpoint.save` (checksummed,
+atomic, durable) to ``rank-NNNNN-epoch-EEEEE.pt``; once every rank has written, rank 0 replaces
+``manifest.json`` (atomically too) with the grid (world size, placement, replicas), the epoch
+and every file's name and SHA-256, and only then does each rank remove its files of other
+epochs. So a crash at any moment leaves the last complete set and a manifest naming it. A resume
+reads the manifest, refuses another grid, and checks its own file's digest before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from .. import checkpoint
+from .protocol import Layout
+
+__all__ = ["save_rank", "write_manifest", "remove_others", "load_rank", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_FORMAT = "dgl_fast distributed checkpoint 1"
+
+
+def _rank_file(rank: int, epoch: int) -> str:
+    return f"rank-{rank:05d}-epoch-{epoch:05d}.pt"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_rank(trainer, directory: str, rank: int, epoch: int) -> str:
+    """Write ``trainer``'s state as this rank's file of ``epoch``; returns its SHA-256."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, _rank_file(rank, epoch))
+    trainer.save(path)
+    return _sha256(path)
+
+
+def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str]) -> None:
+    manifest = {"format": _FORMAT, "world_size": layout.world, "replicas": layout.replicas,
+                "placement": list(layout.placement), "epoch": epoch,
+                "files": [{"rank": r, "file": _rank_file(r, epoch), "sha256": d} for r, d in enumerate(digests)]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, MANIFEST))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove_others(directory: str, rank: int, epoch: int) -> None:
+    """Remove this rank's files of epochs other than ``epoch`` (after the manifest names it)."""
+    keep = _rank_file(rank, epoch)
+    prefix = f"rank-{rank:05d}-epoch-"
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(".pt") and name != keep:
+            os.remove(os.path.join(directory, name))
+
+
+def load_rank(directory: str, layout: Layout, rank: int) -> dict:
+    """This rank's verified state from ``directory`` (raises ValueError naming what is wrong)."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {MANIFEST} in {directory}: not a complete distributed checkpoint")
+    with open(path) as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise checkpoint.CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise checkpoint.CheckpointError(f"{path} is not a dgl_fast distributed checkpoint manifest")
+    for key, mine in (("world_size", layout.world), ("replicas", layout.replicas),
+                      ("placement", list(layout.placement))):
+        if manifest[key] != mine:
+            raise ValueError(f"the checkpoint was saved with {key} {manifest[key]}, this run has {mine}")
+    entry = manifest["files"][rank]
+    file = os.path.join(directory, entry["file"])
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is missing")
+    if _sha256(file) != entry["sha256"]:
+        raise checkpoint.CheckpointError(f"{file} does not match the manifest's SHA-256: it was written by "
+                                         "another save than the manifest (a save interrupted on some rank?)")
+    return checkpoint.load(file)

@@ -1,0 +1,233 @@
+"""Messages between ranks: the grid layout, checked headers, timeouts and one-line faults.
+
+A DGL stage only ever needs its predecessor's activations and labels, so the only point-to-point
+traffic is *forward*: rank (replica r, group g) sends to (r, g + 1). Every message is a fixed-size
+int64 header (magic, kind, sequence number, the full batch size, dtype, shape) followed, for data,
+by the activations and the labels. The receiver checks the header against the shape and dtype it
+expects before it receives a byte of payload, so a rank launched with another model can never
+receive into a wrong-sized buffer.
+
+Every blocking exchange waits at most ``timeout`` seconds. A peer that stalled (SIGSTOP, a hung
+GPU, a link gone down) or died (the connection closes) raises :class:`PeerError`, one line that
+names this rank, its stages, the peer and its stages; the CLI prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Layout", "Link", "PeerError", "Receiver", "DATA", "END", "describe_failure", "stage_range"]
+
+MAGIC = 0x44474C46  # "DGLF"
+DATA, END = 1, 2
+_MAX_DIMS = 6
+_HEADER = 6 + _MAX_DIMS  # magic, kind, seq, batch_total, dtype, ndim, dims...
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8]
+
+
+class PeerError(RuntimeError):
+    """Another rank stalled, died, or sent something this rank did not expect."""
+
+
+def stage_range(stages: list[int]) -> str:
+    """``"stage 3"`` / ``"stages 3-5"`` (numbered from 1) of a contiguous list of 0-based stages."""
+    return f"stage {stages[0] + 1}" if len(stages) == 1 else f"stages {stages[0] + 1}-{stages[-1] + 1}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The grid of ranks: ``groups`` stage groups x ``replicas`` replica rows.
+
+    Rank ``replica * groups + group`` trains stage group ``group`` of replica row ``replica``: with
+    ``torchrun --nproc-per-node G`` on R machines, a pipeline stays inside one machine (activations
+    over the fast local links) and only gradients of replicas cross machines.
+    """
+
+    placement: tuple[int, ...]  # stage group of each stage
+    replicas: int
+
+    @property
+    def groups(self) -> int:
+        return self.placement[-1] + 1
+
+    @property
+    def world(self) -> int:
+        return self.groups * self.replicas
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """``(replica, group)`` of ``rank``."""
+        return divmod(rank, self.groups)
+
+    def rank(self, replica: int, group: int) -> int:
+        return replica * self.groups + group
+
+    def stages(self, group: int) -> list[int]:
+        return [j for j, g in enumerate(self.placement) if g == group]
+
+    def describe(self, rank: int) -> str:
+        """``"rank 3 (replica 2, stages 4-6)"``."""
+        replica, group = self.coords(rank)
+        row = f"replica {replica + 1}, " if self.replicas > 1 else ""
+        return f"rank {rank} ({row}{stage_range(self.stages(group))})"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What a gloo / NCCL error means, in a few words."""
+    text = str(exc)
+    if "Timed out" in text or "timeout" in text.lower():
+        return "no answer within the timeout: it stalled, or the link to it is down"
+    if "closed" in text.lower() or "reset" in text.lower() or "Broken pipe" in text:
+        return "the connection closed: it exited or crashed"
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+
+
+def _encode(kind: int, seq: int, total: int, t: torch.Tensor | None) -> torch.Tensor:
+    header = torch.zeros(_HEADER, dtype=torch.long)
+    header[:4] = torch.tensor([MAGIC, kind, seq, total])
+    if t is not None:
+        if t.dim() > _MAX_DIMS:
+            raise ValueError(f"activations with {t.dim()} dimensions cannot be sent (at most {_MAX_DIMS})")
+        header[4] = _DTYPES.index(t.dtype)
+        header[5] = t.dim()
+        header[6:6 + t.dim()] = torch.tensor(t.shape)
+    return header
+
+
+class Link:
+    """This rank's end of the forward link to one neighbour (``peer``), with ``timeout`` seconds
+    for each blocking wait. ``expect`` is the per-sample shape and dtype of the activations the
+    peer sends (receiving end only)."""
+
+    def __init__(self, layout: Layout, rank: int, peer: int, device: torch.device, timeout: float,
+                 expect: tuple[tuple[int, ...], torch.dtype] | None = None, max_in_flight: int = 2):
+        self.layout, self.rank, self.peer, self.device = layout, rank, peer, device
+        self.timeout = datetime.timedelta(seconds=float(timeout))
+        self.expect = expect
+        self.max_in_flight = max(1, int(max_in_flight))
+        self._sends: list = []
+        self.seq = 0  # messages sent / received so far
+
+    def _fail(self, doing: str, exc: BaseException, started: float) -> PeerError:
+        me, peer = self.layout.describe(self.rank), self.layout.describe(self.peer)
+        return PeerError(f"{me}: {doing} {peer} failed after {time.monotonic() - started:.1f} s "
+                         f"(timeout {self.timeout.total_seconds():g} s): {describe_failure(exc)}")
+
+    def _wait(self, work, doing: str, started: float) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise self._fail(doing, exc, started) from None
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, h: torch.Tensor | None, y: torch.Tensor | None = None, total: int = 0, kind: int = DATA) -> None:
+        """Send ``(h, y)`` (``kind=DATA``; ``total`` is the batch size before the replicas split
+        it) or an ``END`` marker. Returns once at most ``max_in_flight`` messages are in flight."""
+        started = time.monotonic()
+        header = _encode(kind, self.seq, total, h).to(self.device)
+        msgs = [header] if kind != DATA else [header, h.contiguous(), y.contiguous()]
+        try:
+            for t in msgs:
+                self._sends.append((dist.isend(t, self.peer), t))
+        except RuntimeError as exc:
+            raise self._fail("sending to", exc, started) from None
+        self.seq += 1
+        while len(self._sends) > 3 * self.max_in_flight:
+            work, _ = self._sends.pop(0)
+            self._wait(work, "sending to", started)
+
+    def drain(self) -> None:
+        """Wait until every message sent has been delivered."""
+        started = time.monotonic()
+        while self._sends:
+            work, _ = self._sends.pop(0)
+            self._wait(work, "sending to", started)
+
+    # ------------------------------------------------------------------ receiving
+
+    def recv(self):
+        """The next message: ``(h, y, total)`` for data, None for ``END``. The header is checked
+        (magic, sequence, dtype, per-sample shape) before the payload is received."""
+        started = time.monotonic()
+        header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
+        self._wait(dist.irecv(header, self.peer), "waiting for", started)
+        magic, kind, seq, total, code, ndim, *dims = header.tolist()
+        peer = self.layout.describe(self.peer)
+        me = self.layout.describe(self.rank)
+        if magic != MAGIC or kind not in (DATA, END) or seq != self.seq:
+            raise PeerError(f"{me}: message {self.seq} from {peer} is not a dgl_fast message header "
+                            f"(magic {magic:#x}, kind {kind}, sequence {seq}): the ranks run different code")
+        self.seq += 1
+        if kind == END:
+            return None
+        shape = tuple(dims[:ndim])
+        dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else None
+        want_shape, want_dtype = self.expect
+        if dtype != want_dtype or shape[1:] != tuple(want_shape) or not shape or shape[0] < 1:
+            raise PeerError(f"{me}: {peer} sent activations of shape {list(shape)} {dtype}, expected "
+                            f"[B, {', '.join(map(str, want_shape))}] {want_dtype}: the ranks hold different models")
+        h = torch.empty(shape, dtype=dtype, device=self.device)
+        y = torch.empty(shape[0], dtype=torch.long, device=self.device)
+        self._wait(dist.irecv(h, self.peer), "waiting for", started)
+        self._wait(dist.irecv(y, self.peer), "waiting for", started)
+        return h, y, total
+
+
+class Receiver:
+    """Asynchronous DGL's receiving side: a thread receives every message of ``link`` as soon as
+    it arrives (so the sender never waits for this rank's compute) and keeps the newest
+    ``capacity`` in a queue; older ones not yet taken are dropped, as a ring buffer overwrites.
+    :meth:`take` returns what arrived (``(h, y)`` pairs) and whether ``END`` came; an error of the
+    thread (a :class:`PeerError`) is raised there."""
+
+    def __init__(self, link: Link, capacity: int):
+        self.link, self.capacity = link, max(1, int(capacity))
+        self._q: queue.Queue = queue.Queue()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name=f"dgl_fast-recv-{link.rank}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                msg = self.link.recv()
+                self._q.put(msg)
+                if msg is None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._q.put(exc)
+
+    def _item(self, block: bool):
+        item = self._q.get(timeout=self.link.timeout.total_seconds() + 5) if block else self._q.get_nowait()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def take(self, block: bool) -> tuple[list, bool]:
+        """Messages arrived since the last call (at least one if ``block``), newest ``capacity``."""
+        got, ended = [], False
+        try:
+            while True:
+                item = self._item(block and not got and not ended)
+                if item is None:
+                    ended = True
+                    break
+                got.append(item[:2])
+        except queue.Empty:
+            if block and not got and not ended:
+                raise PeerError(f"{self.link.layout.describe(self.link.rank)}: nothing from "
+                                f"{self.link.layout.describe(self.link.peer)} within the timeout") from None
+        if len(got) > self.capacity:
+            self.dropped += len(got) - self.capacity
+            got = got[-self.capacity:]
+        return got, ended
+
+    def join(self) -> None:
+        self._thread.join(timeout=self.link.timeout.total_seconds())

@@ -1,0 +1,371 @@
+"""DistributedDGL: one rank's share of DGL across processes, GPUs and machines.
+
+No gradient crosses a stage boundary, so a stage placed on another process only ever needs the
+*activations* of its predecessor, never anything back. Ranks form a grid of ``G`` stage groups x
+``R`` replicas (:class:`~dgl_fast.distributed.protocol.Layout`): rank ``(r, g)`` trains stage
+group ``g`` on replica row ``r``'s share of each batch and sends its output and labels to
+``(r, g + 1)``; the replicas of a stage group average gradients
+(:mod:`~dgl_fast.distributed.replicas`). In ``mode="dgl"`` (synchronous) the result is the
+single-process trainer's on the whole batch: bitwise with one replica, to rounding with several
+(for models without BatchNorm, see replicas.py). In ``mode="async"`` the receiving rank keeps
+what arrives in a :class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting
+for its slower neighbour (asynchronous between ranks, stage after stage inside one rank).
+
+Launch one process per rank (``torchrun --nnodes N --nproc-per-node G``)::
+
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))   # "gloo" on CPUs
+    net = dgl_fast.models.build("vgg13", block_size=3)          # same seed on every rank
+    ddgl = DistributedDGL(net, optimizer=..., device=f"cuda:{local_rank}", replicas=2)
+    ddgl.fit(loader if ddgl.feeds else None, epochs=50, lr_schedule=..., checkpoint_dir="ckpt")
+    acc = ddgl.evaluate(test_loader if ddgl.feeds else None)    # per-stage accuracy, every rank
+
+At start-up every rank checks that all were launched alike (:mod:`.agreement`); every exchange
+waits at most ``timeout`` seconds and a stalled or dead peer raises a one-line
+:class:`~dgl_fast.distributed.protocol.PeerError` (:mod:`.protocol`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint
+from ..buffer import ReplayBuffer
+from ..model import DecoupledModel
+from ..trainer import Trainer
+from . import files
+from .agreement import agree, model_fingerprint
+from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure
+from .replicas import GradientAverager
+
+__all__ = ["DistributedDGL", "even_placement"]
+
+
+def even_placement(num_stages: int, groups: int) -> list[int]:
+    """Stage group of each stage: contiguous groups, as even as possible (earlier groups get the extra)."""
+    if groups < 1 or num_stages < groups:
+        raise ValueError(f"cannot place {num_stages} stages on {groups} stage groups: every group needs a stage")
+    base, extra = divmod(num_stages, groups)
+    placement = []
+    for g in range(groups):
+        placement += [g] * (base + (1 if g < extra else 0))
+    return placement
+
+
+def _sample_batch(model: DecoupledModel, batch: int):
+    shapes = model.check_shapes(model.input_shape)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn((batch, *model.input_shape), generator=g).to(dtype)
+    return x, torch.randint(0, shapes[-1][1][-1], (batch,), generator=g)
+
+
+class DistributedDGL:
+    """One rank's share of a distributed DGL run.
+
+    Args:
+        model: the whole :class:`~dgl_fast.DecoupledModel`, identical on every rank (same seed;
+            checked); it needs ``input_shape``. Each rank keeps and trains only its stages.
+        optimizer: factory ``params -> Optimizer``, as for :class:`~dgl_fast.Trainer`.
+        placement: stage group of each stage (non-decreasing from 0, no gaps), ``"balance"``
+            (default: :func:`dgl_fast.balance.balance` on rank 0 with a ``balance_batch``-sized
+            random batch; the predicted throughput is kept in :attr:`balance`) or ``"even"``.
+        replicas: replica rows R; the world size must be R x the number of stage groups.
+        device: this rank's device (``"cuda:N"`` with NCCL, ``"cpu"`` with gloo).
+        mode: ``"dgl"`` (synchronous) or ``"async"`` (replay buffers between ranks; R = 1).
+        timeout: seconds any exchange may wait (also set the process group's timeout, used by
+            its collectives, when calling ``init_process_group``).
+        buffer_capacity, policy, max_reuse: the receiving ranks' replay buffers (async mode).
+        fingerprint: more fields every rank must agree on (the CLI passes its arguments).
+        max_in_flight: messages a rank may have outstanding before it waits for the oldest.
+    """
+
+    def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, placement="balance",
+                 replicas: int = 1, device="cpu", mode: str = "dgl", timeout: float = 300.0,
+                 buffer_capacity: int = 4, policy: str = "priority_lifo", max_reuse: int | None = None,
+                 fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, **trainer_kwargs):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistributedDGL needs torch.distributed initialised (dist.init_process_group)")
+        if model.input_shape is None:
+            raise ValueError("DistributedDGL needs the model's input_shape (build it with input_shape=...)")
+        if trainer_kwargs.get("amp") or trainer_kwargs.get("engine") or trainer_kwargs.get("mode"):
+            raise ValueError("DistributedDGL runs each rank's stages with the sequential engine in its parameters' "
+                             "dtype: amp, engine and mode cannot be set")
+        if mode not in ("dgl", "async"):
+            raise ValueError(f"DistributedDGL mode must be 'dgl' or 'async', got {mode!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        if not isinstance(replicas, int) or replicas < 1 or world % replicas:
+            raise ValueError(f"replicas must divide the world size {world}, got {replicas!r}")
+        if mode == "async" and replicas > 1:
+            raise ValueError("mode='async' runs one replica row (replicas=1): replicas average gradients step by step")
+        self.mode, self.timeout = mode, float(timeout)
+        groups = world // replicas
+        self.balance = None
+        placement = self._placement(model, placement, groups, optimizer, device, balance_batch)
+        self.layout = Layout(tuple(placement), replicas)
+        self.placement = list(placement)
+        self.replica, self.group = self.layout.coords(self.rank)
+        self.stages = self.layout.stages(self.group)
+        self.name = self.layout.describe(self.rank)
+        fields = {"world size": world, "replicas": replicas, "placement": self.placement, "mode": mode,
+                  "dtype": str(next(model.parameters()).dtype), "timeout": self.timeout,
+                  **model_fingerprint(model), **(fingerprint or {})}
+        if mode == "async":
+            fields.update({"buffer capacity": buffer_capacity, "policy": policy, "max reuse": max_reuse})
+        agree(fields)
+        shapes = model.check_shapes(model.input_shape)  # (per-sample output shape, logits) of every stage
+        first = self.stages[0]
+        in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
+        local = DecoupledModel([model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages],
+                               input_shape=in_shape)
+        self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
+                               **trainer_kwargs)
+        self.device = self.trainer.device
+        dtype = next(local.parameters()).dtype
+        if self.device.type == "cuda":  # NCCL collectives (all_gather_object too) use the current device
+            torch.cuda.set_device(self.device)
+        self.inbound = None if self.feeds else Link(self.layout, self.rank, self.rank - 1, self.device, timeout,
+                                                    expect=(in_shape, dtype))
+        self.outbound = None if self.group == groups - 1 else Link(self.layout, self.rank, self.rank + 1, self.device,
+                                                                   timeout, max_in_flight=max_in_flight)
+        self.averager = None
+        if replicas > 1:
+            pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
+            self.averager = GradientAverager(self.trainer.optimizers, pgs[self.group], timeout, self.name)
+        self.buffer_options = dict(capacity=buffer_capacity, policy=policy, max_reuse=max_reuse)
+        self.buffer: ReplayBuffer | None = None
+        self.history: list[dict] = []
+        self.epoch = 0
+
+    def _placement(self, model, placement, groups, optimizer, device, balance_batch) -> list[int]:
+        K = model.num_stages
+        if placement == "even":
+            return even_placement(K, groups)
+        if placement == "balance":
+            if groups == 1:
+                return [0] * K
+            if K < groups:
+                raise ValueError(f"cannot place {K} stages on {groups} stage groups: every group needs a stage")
+            from ..balance import balance  # noqa: PLC0415
+
+            result = [None]
+            if dist.get_rank() == 0:
+                result[0] = balance(model, _sample_batch(model, balance_batch), groups, optimizer=optimizer,
+                                    device=device)
+            try:
+                dist.broadcast_object_list(result, src=0)
+            except RuntimeError as exc:
+                raise PeerError(f"rank {dist.get_rank()}: receiving the balanced placement from rank 0 failed: "
+                                f"{describe_failure(exc)}") from None
+            self.balance = result[0]
+            return list(result[0].placement)
+        placement = [int(g) for g in placement]
+        if len(placement) != K or placement[0] != 0 or placement[-1] != groups - 1 or any(
+                b - a not in (0, 1) for a, b in zip(placement, placement[1:])):
+            raise ValueError(f"placement must give each of the {K} stages a stage group, non-decreasing from 0 to "
+                             f"{groups - 1} without gaps, got {placement}")
+        return placement
+
+    @property
+    def feeds(self) -> bool:
+        """This rank owns stage 1 of its replica row and reads the data."""
+        return self.group == 0
+
+    is_first = feeds
+
+    @property
+    def is_last(self) -> bool:
+        return self.group == self.layout.groups - 1
+
+    # ------------------------------------------------------------------ training
+
+    def _share(self, x, y):
+        """This replica row's share of a batch (all of it with one replica) and the batch size."""
+        B, R = y.shape[0], self.layout.replicas
+        if R == 1:
+            return x, y, B
+        return x.tensor_split(R)[self.replica], y.tensor_split(R)[self.replica], B
+
+    def _train_local(self, h, y, total, acc):
+        if self.averager is not None:
+            self.averager.weight = y.shape[0] / total
+        for i, step in enumerate(self.trainer.steps):
+            h, loss, correct = step.step(h, y)
+            acc[0][i] += loss.double() * y.shape[0]
+            acc[1][i] += correct
+            acc[2][i] += y.shape[0]
+        return h
+
+    def _inputs(self, loader):
+        """This epoch's ``(h, y, total)`` inputs: from ``loader`` on feeding ranks, else received."""
+        if self.feeds:
+            for x, y in loader:
+                x, y = self.trainer.prepare_batch(x, y)
+                h, y, total = self._share(x, y)
+                if y.shape[0] >= 1:
+                    yield h, y, total
+            return
+        while (msg := self.inbound.recv()) is not None:
+            yield msg
+
+    def _async_inputs(self, acc_reuse):
+        """Async mode on a receiving rank: samples of the replay buffer, refilled from the thread
+        that receives; waits only when nothing is there to sample (start, or ``max_reuse`` used up)."""
+        receiver = Receiver(self.inbound, self.buffer_options["capacity"])
+        ended = False
+        while True:
+            block = self.buffer is None or acc_reuse[0]
+            got, done = receiver.take(block=block and not ended)
+            ended |= done
+            for h, y in got:
+                if self.buffer is None:
+                    o = self.buffer_options
+                    self.buffer = ReplayBuffer(o["capacity"], h.shape, h.dtype, self.device, policy=o["policy"],
+                                               max_reuse=o["max_reuse"])
+                if tuple(h.shape) == self.buffer.batch_shape:  # a partial last batch does not fit the ring
+                    self.buffer.push(h, y)
+                    acc_reuse[0] = False
+            if ended:
+                break
+            sample = self.buffer.sample()
+            if not bool(sample.valid):
+                acc_reuse[0] = True
+                continue
+            h, y = sample
+            yield h, y, y.shape[0]
+        receiver.join()
+        self.dropped = receiver.dropped
+
+    def train_epoch(self, loader: Iterable | None = None) -> dict:
+        """One epoch: feeding ranks run ``loader``'s batches, the others what they receive.
+        Returns the epoch's record with every stage's loss and accuracy (gathered from all ranks)."""
+        if self.feeds and loader is None:
+            raise ValueError(f"{self.name} feeds stage 1 and must pass the training loader")
+        tr = self.trainer
+        tr.set_train_modes()
+        n = len(self.stages)
+        acc = (torch.zeros(n, dtype=torch.float64, device=self.device),
+               torch.zeros(n, dtype=torch.long, device=self.device), [0] * n)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        start = time.perf_counter()
+        inputs = self._inputs(loader) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
+        for h, y, total in inputs:
+            out = self._train_local(h, y, total, acc)
+            if self.outbound is not None:
+                self.outbound.send(out, y, total)
+        if self.outbound is not None:
+            self.outbound.send(None, kind=END)
+            self.outbound.drain()
+        stats = self._gather({j: (s, c, k) for j, s, c, k in zip(self.stages, acc[0].tolist(), acc[1].tolist(),
+                                                                acc[2])}, "the epoch's metrics")
+        K = len(self.placement)
+        tot = {j: [sum(p[j][i] for p in stats if j in p) for i in range(3)] for j in range(K)}
+        record = {"epoch": self.epoch + 1, "mode": self.mode,
+                  "train_loss": [tot[j][0] / tot[j][2] if tot[j][2] else None for j in range(K)],
+                  "train_acc": [tot[j][1] / tot[j][2] if tot[j][2] else None for j in range(K)],
+                  "stage_samples": [tot[j][2] for j in range(K)], "time_s": time.perf_counter() - start}
+        self.epoch += 1
+        self.history.append(record)
+        return record
+
+    def _gather(self, obj, what: str) -> list:
+        parts = [None] * self.layout.world
+        try:
+            dist.all_gather_object(parts, obj)
+        except RuntimeError as exc:
+            raise PeerError(f"{self.name}: gathering {what} failed: {describe_failure(exc)}") from None
+        return parts
+
+    def fit(self, loader: Iterable | None, epochs: int, lr_schedule: Callable[[int], float] | None = None,
+            callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None) -> list[dict]:
+        """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only), after
+        every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch.
+        With ``checkpoint_dir``, :meth:`save` runs after every epoch."""
+        factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
+        batches = len(loader) if self.feeds and hasattr(loader, "__len__") else None
+        agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument")
+        records = []
+        while self.epoch < epochs:
+            self.trainer.set_lr_factor(factors[self.epoch])
+            records.append(self.train_epoch(loader))
+            if checkpoint_dir is not None:
+                self.save(checkpoint_dir)
+            if callback is not None:
+                callback(records[-1])
+        return records
+
+    # ------------------------------------------------------------------ evaluation and state
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable | None) -> list[float]:
+        """Accuracy of every stage's head on ``loader`` (fed on replica row 1's feeding rank),
+        the pipeline run forward in eval mode; every rank returns the list (rank 0 prints it)."""
+        self.trainer.model.eval()
+        n = len(self.stages)
+        hits, seen = [0] * n, 0
+        if self.replica == 0:
+            if self.feeds:
+                if loader is None:
+                    raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
+                inputs = ((*self.trainer.prepare_batch(x, y, training=False), 0) for x, y in loader)
+            else:
+                inputs = iter(self.inbound.recv, None)
+            for h, y, _ in inputs:
+                for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
+                    h = stage(h)
+                    hits[i] += int((head(h).argmax(1) == y).sum())
+                seen += y.shape[0]
+                if self.outbound is not None:
+                    self.outbound.send(h, y, y.shape[0])
+            if self.outbound is not None:
+                self.outbound.send(None, kind=END)
+                self.outbound.drain()
+        self.trainer.model.train()
+        self.trainer.set_train_modes()
+        parts = self._gather({j: (c, seen) for j, c in zip(self.stages, hits)} if self.replica == 0 else {},
+                             "the evaluation counts")
+        counts = {j: v for p in parts for j, v in p.items()}
+        return [counts[j][0] / counts[j][1] if counts[j][1] else float("nan") for j in range(len(self.placement))]
+
+    def full_state_dict(self) -> dict:
+        """The whole model's ``state_dict`` (replica row 1's stages), on every rank, on the CPU."""
+        mine = {}
+        if self.replica == 0:
+            for key, value in self.trainer.model.state_dict().items():
+                kind, i, rest = key.split(".", 2)  # "stages.<i>.<...>" / "heads.<i>.<...>"
+                mine[f"{kind}.{self.stages[int(i)]}.{rest}"] = value.detach().cpu()
+        return {k: v for part in self._gather(mine, "the model") for k, v in part.items()}
+
+    def save(self, directory: str) -> None:
+        """Every rank writes its stages' trainer state (checksummed, atomic) into ``directory``;
+        rank 0 then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`)."""
+        self.trainer.epoch, self.trainer.history = self.epoch, self.history
+        digest = files.save_rank(self.trainer, directory, self.rank, self.epoch)
+        digests = self._gather(digest, "the checkpoint digests")
+        if self.rank == 0:
+            files.write_manifest(directory, self.layout, self.epoch, digests)
+        self._gather(None, "the manifest")  # every rank knows the manifest is written
+        files.remove_others(directory, self.rank, self.epoch)
+
+    def load(self, directory: str) -> None:
+        """Resume from :meth:`save`'s files: every rank checks the manifest (world, placement,
+        replicas) and its own file's digest; if any rank finds a problem all raise, naming it,
+        before any state changes."""
+        problem, state = None, None
+        try:
+            state = files.load_rank(directory, self.layout, self.rank)
+            self.trainer.check_state(state)
+        except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as exc:
+            problem = f"{self.name}: {exc}"
+        problems = [p for p in self._gather(problem, "the checkpoint checks") if p]
+        if problems:
+            raise checkpoint.CheckpointError(f"cannot resume from {directory}: {problems[0]}"
+                                             + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else ""))
+        self.trainer.load_state_dict(state)
+        self.epoch, self.history = self.trainer.epoch, list(self.trainer.history)
