@@ -5,7 +5,6 @@ The option checks live in ``cli_checks``, the accuracy plot in ``plots``."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -25,17 +24,20 @@ from .cli_checks import (
     seed_int,
 )
 from .data import DATASETS
+from .distributed.protocol import PeerError
 from .heads import HEAD_KINDS
 from .plots import plot_accuracy
 from .trainer import MODES
 
 EXIT_USAGE = 2  # a bad option or input file: one line "error: ..." on stderr
 EXIT_DIVERGED = 3  # training diverged (NaN/inf loss); the last good checkpoint is left untouched
+EXIT_PEER = 4  # --distributed: another rank stalled, died or sent what this one did not expect
 
 _EPILOG = ("Exit status: 0 when training finished; 2 for a bad option or input file (one line 'error: ...' on "
            "stderr naming the option, what it expects and what it got); 3 when training diverged (a stage's loss "
            "became NaN or infinite): the message names the stage, the steps and the last good checkpoint, which "
-           "is left untouched, and metrics.jsonl holds no record of the diverged epoch.")
+           "is left untouched, and metrics.jsonl holds no record of the diverged epoch; 4 (--distributed) when another rank "
+           "stalled, died or became unreachable: one line names this rank, its stages and the peer.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +94,10 @@ def _train_parser(sub) -> None:
     e.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     e.add_argument("--distributed", action="store_true",
                    help="place stages across torch.distributed ranks: launch with torchrun (NCCL on GPUs, gloo on CPUs)")
+    e.add_argument("--replicas", type=positive_int, default=1,
+                   help="--distributed: replica rows; WORLD_SIZE / REPLICAS stage groups each, gradients averaged")
+    e.add_argument("--timeout", type=positive_float, default=300.0,
+                   help="--distributed: seconds any exchange with another rank may wait before this rank stops")
     a = p.add_argument_group("asynchronous DGL (--mode async only; refused with another mode)")
     d = ASYNC_DEFAULTS
     a.add_argument("--buffer-capacity", type=positive_int, default=d["buffer_capacity"],
@@ -151,11 +157,16 @@ def cmd_train(args) -> int:
     try:
         check_args(args)
         if args.distributed:
-            return cmd_train_distributed(args)
+            from .cli_distributed import train_distributed  # noqa: PLC0415
+
+            return train_distributed(args, _load_data, _build_model, _lr_schedule)
         return _train(args)
     except TrainingDiverged as exc:
         _print_error(exc)
         return EXIT_DIVERGED
+    except PeerError as exc:
+        _print_error(exc)
+        return EXIT_PEER
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         _print_error(exc)
         return EXIT_USAGE
@@ -255,54 +266,6 @@ def _train(args) -> int:
             json.dump(summary, f, indent=1)
     print(f"held-out accuracy ({spec.name}, {len(spec.test.y) if hasattr(spec.test, 'y') else '?'} images): "
           f"{100 * final[-1]:.2f}%  (per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
-    return 0
-
-
-def cmd_train_distributed(args) -> int:
-    """``torchrun ... -m dgl_fast train --distributed``: one rank per stage group (DistributedDGL)."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    from .distributed import DistributedDGL  # noqa: PLC0415
-    from .trainer import Trainer  # noqa: PLC0415
-
-    if "RANK" not in os.environ:
-        raise ValueError("--distributed expects to be launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR are unset)")
-    if args.mode != "dgl" or args.engine not in ("auto", "sequential") or args.amp:
-        raise ValueError("--distributed trains synchronous DGL (--mode dgl) without --engine or --amp")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.device.startswith("cuda")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
-        rank = dist.get_rank()
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        spec = _load_data(args, device)
-        model = _build_model(args, spec)
-        full = copy.deepcopy(model)
-
-        def optimizer(params):
-            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-
-        ddgl = DistributedDGL(model, optimizer=optimizer, device=device)
-        print(f"rank {rank}: stages {[j + 1 for j in ddgl.stages]} of {model.num_stages} on {device}", file=sys.stderr)
-        start = time.perf_counter()
-        records = ddgl.fit(spec.train if ddgl.is_first else None, epochs=args.epochs, lr_schedule=_lr_schedule(args))
-        state = ddgl.full_state_dict()
-        if rank == 0:
-            full.load_state_dict(state)
-            final = Trainer(full, device=device, engine="sequential").evaluate(spec.test)
-            summary = {"model": args.model, "stages": model.num_stages, "ranks": dist.get_world_size(),
-                       "placement": ddgl.placement, "data": spec.name, "epochs_done": ddgl.epoch,
-                       "train": records, "test_acc_per_stage": final, "test_acc": final[-1],
-                       "train_time_s": time.perf_counter() - start, "torch": torch.__version__}
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "summary.json"), "w") as f:
-                    json.dump(summary, f, indent=1)
-            print(f"held-out accuracy ({spec.name}, {dist.get_world_size()} ranks): {100 * final[-1]:.2f}%  "
-                  f"(per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

@@ -123,9 +123,12 @@ def check_args(args) -> None:
                              f"{2 ** pools}x{2 ** pools}, got {size}x{size} ({source})")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"argument --out: expected a folder (created when missing), got the existing file {args.out}")
+    if not args.distributed and (args.replicas != 1 or args.timeout != 300.0):
+        raise ValueError("arguments --replicas and --timeout: apply to --distributed runs only")
     if args.resume is not None:
-        if args.distributed:
-            raise ValueError("argument --resume: --distributed runs cannot resume from a checkpoint")
+        if args.distributed and not os.path.isdir(args.resume):
+            raise ValueError(f"argument --resume: a --distributed run resumes from the checkpoint folder of a "
+                             f"previous run (OUT/checkpoint, with manifest.json), got {args.resume}")
         if not os.path.exists(args.resume):
             raise ValueError(f"argument --resume: expected a checkpoint file written by a previous run, "
                              f"{args.resume} does not exist")

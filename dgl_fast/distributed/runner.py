@@ -60,7 +60,7 @@ def _sample_batch(model: DecoupledModel, batch: int):
     g = torch.Generator().manual_seed(0)
     dtype = next(model.parameters()).dtype
     x = torch.randn((batch, *model.input_shape), generator=g).to(dtype)
-    return x, torch.randint(0, shapes[-1][1][-1], (batch,), generator=g)
+    return x, torch.randint(0, shapes[-1][1], (batch,), generator=g)
 
 
 class DistributedDGL:

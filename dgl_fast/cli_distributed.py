@@ -1,0 +1,92 @@
+"""``torchrun ... -m dgl_fast train --distributed``: DGL over a grid of ranks (DistributedDGL).
+
+``--replicas R`` splits the world into R replica rows of ``WORLD_SIZE / R`` stage groups;
+``--timeout`` bounds every exchange and collective; ``--out`` receives a checkpoint set after
+every epoch (``--out/checkpoint/``: per-rank files and a manifest) and, from rank 0 only, the
+summary; ``--resume DIR`` continues from such a set. Every rank checks at start-up that all were
+launched with the same arguments (the fields named on a mismatch are the options)."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+_AGREED = ("model", "aux", "mode", "stages", "block_size", "depth", "width", "hidden", "epochs", "batch_size", "lr",
+           "momentum", "weight_decay", "lr_step", "lr_decay", "data", "in_size", "seed", "replicas", "timeout",
+           "buffer_capacity", "policy", "max_reuse", "resume")
+
+
+def check_distributed_args(args) -> None:
+    """Option checks that need no process group (ValueError names the option)."""
+    if "RANK" not in os.environ:
+        raise ValueError("--distributed expects to be launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR are unset)")
+    if args.mode not in ("dgl", "async") or args.engine not in ("auto", "sequential") or args.amp:
+        raise ValueError(f"--distributed trains --mode dgl or async without --engine or --amp, got --mode {args.mode}"
+                         + (f" --engine {args.engine}" if args.engine not in ("auto", "sequential") else "")
+                         + (f" --amp {args.amp}" if args.amp else ""))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % args.replicas:
+        raise ValueError(f"argument --replicas: must divide the {world} ranks (WORLD_SIZE), got {args.replicas}")
+    if args.mode == "async" and args.replicas != 1:
+        raise ValueError("argument --replicas: --mode async runs one replica row, got --replicas "
+                         f"{args.replicas}")
+
+
+def train_distributed(args, load_data, build_model, lr_schedule) -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from .distributed import DistributedDGL  # noqa: PLC0415
+
+    check_distributed_args(args)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device.startswith("cuda")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        rank = dist.get_rank()
+        torch.manual_seed(args.seed)  # the same initial weights on every rank (checked)
+        spec = load_data(args, device)
+        model = build_model(args, spec)
+
+        def optimizer(params):
+            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+        train_y = getattr(spec.train, "y", None)
+        fields = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _AGREED}
+        fields["training data"] = (spec.name, len(spec.train), None if train_y is None else int(train_y.sum()))
+        ddgl = DistributedDGL(model, optimizer=optimizer, device=device, replicas=args.replicas, mode=args.mode,
+                              timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
+                              max_reuse=args.max_reuse, fingerprint=fields)
+        if rank == 0 and ddgl.balance is not None:
+            print(f"balanced placement: {ddgl.balance}", file=sys.stderr)
+        print(f"{ddgl.name} on {device}", file=sys.stderr)
+        if args.resume:
+            ddgl.load(args.resume)
+        ckpt = os.path.join(args.out, "checkpoint") if args.out else None
+        start = time.perf_counter()
+        records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
+                           checkpoint_dir=ckpt)
+        acc = ddgl.evaluate(spec.test if ddgl.feeds else None)
+        state = ddgl.full_state_dict()
+        if rank == 0:
+            copy.deepcopy(model).load_state_dict(state)  # the gathered state is a whole model's
+            summary = {"model": args.model, "stages": model.num_stages, "ranks": dist.get_world_size(),
+                       "replicas": args.replicas, "mode": args.mode, "placement": ddgl.placement, "data": spec.name,
+                       "epochs_done": ddgl.epoch, "train": ddgl.history, "this_run": len(records),
+                       "test_acc_per_stage": acc, "test_acc": acc[-1], "train_time_s": time.perf_counter() - start,
+                       "torch": torch.__version__}
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+            print(f"held-out accuracy ({spec.name}, {dist.get_world_size()} ranks): {100 * acc[-1]:.2f}%  "
+                  f"(per stage: {' '.join(f'{100 * a:.2f}' for a in acc)})")
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,135 @@
+"""``python -m dgl_fast train --distributed`` as users launch it: torchrun, ranks launched with
+different arguments, a rank stopped (SIGSTOP) or killed mid-run, a resumed run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SMALL = ["--data", "synthetic", "--in-size", "8", "--model", "aux-study", "--depth", "3", "--width", "8", "--aux", "mlp",
+          "--batch-size", "64", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(per_rank_args: list[list[str]], addr: str = "127.0.0.1", prefix=None, ifname=None):
+    """One process per rank, started as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT set),
+    but each on its own so that the test sees every rank's exit status. ``prefix`` (per rank)
+    wraps a command (``ip netns exec NS``)."""
+    port, world = _free_port(), len(per_rank_args)
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = _env(RANK=rank, LOCAL_RANK=0 if prefix else rank, WORLD_SIZE=world, MASTER_ADDR=addr, MASTER_PORT=port)
+        if ifname:
+            env["GLOO_SOCKET_IFNAME"] = ifname[rank]
+        cmd = (prefix[rank] if prefix else []) + [sys.executable, "-m", "dgl_fast", "train", "--distributed", *args]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def wait_all(procs, timeout=240):
+    out = []
+    for p in procs:
+        o, e = p.communicate(timeout=timeout)
+        out.append((p.returncode, o, e))
+    return out
+
+
+def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "dgl_fast", "train", "--distributed", *_SMALL, "--epochs", "2", "--out", str(tmp_path / "a")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=_ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out accuracy (synthetic, 2 ranks)" in res.stdout
+    assert res.stdout.count("held-out accuracy") == 1  # rank 0 alone prints
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert sorted(set(summary["placement"])) == [0, 1] and summary["epochs_done"] == 2
+    assert all(n > 0 for n in summary["train"][-1]["stage_samples"])
+    assert 0 <= summary["test_acc"] <= 1 and len(summary["test_acc_per_stage"]) == 3
+    ckpt = tmp_path / "a" / "checkpoint"
+    assert json.loads((ckpt / "manifest.json").read_text())["epoch"] == 2
+    # a resumed run continues the same training: 2 -> 3 epochs
+    cmd2 = cmd[:-4] + ["--epochs", "3", "--out", str(tmp_path / "b"), "--resume", str(ckpt)]
+    res = subprocess.run(cmd2, capture_output=True, text=True, timeout=300, env=_env(), cwd=_ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert resumed["epochs_done"] == 3 and resumed["this_run"] == 1
+    assert resumed["train"][:2] == summary["train"][:2]
+
+
+@pytest.mark.parametrize("differ", [{"--width": ("8", "12"), "--seed": ("0", "1"), "--data": ("synthetic", "digits")},
+                                    {"--epochs": ("2", "3")}])
+def test_mismatched_launches_refuse_on_every_rank(differ):
+    base = [x for x in _SMALL if x not in ("--data", "synthetic")] + ["--epochs", "2"]  # digits are 8x8 too
+    base = base if "--epochs" not in differ else base[:-2]
+    per_rank = [base + [x for flag, v in differ.items() for x in (flag, v[rank])] for rank in range(2)]
+    per_rank = [r if "--data" in differ else r + ["--data", "synthetic"] for r in per_rank]
+    for rc, _, err in wait_all(launch(per_rank), timeout=120):
+        assert rc == 2, err[-2000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: the 2 ranks were launched with different configurations and refuse to start")
+        for flag, (a, b) in differ.items():
+            assert f"{flag} ({a!r} on rank 0; {b!r} on rank 1)" in line or f"{flag} ({a} on rank 0; {b} on rank 1)" \
+                in line, (flag, line)
+
+
+def _wait_for(proc_err_path, text, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if text in open(proc_err_path).read():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_stalled_or_dead_rank_stops_the_others_within_the_timeout(tmp_path, fault):
+    timeout = 6
+    port, world = _free_port(), 3
+    procs, errs = [], []
+    for rank in range(world):
+        err = open(tmp_path / f"err{rank}", "w")
+        errs.append(tmp_path / f"err{rank}")
+        env = _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, "-m", "dgl_fast", "train", "--distributed", *_SMALL, "--epochs", "500",
+               "--timeout", str(timeout)]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        assert all(_wait_for(e, " on cpu", 90) for e in errs), [open(e).read()[-1000:] for e in errs]
+        time.sleep(1.5)  # training under way
+        victim = procs[1]
+        os.kill(victim.pid, getattr(signal, fault))
+        start = time.monotonic()
+        for rank in (0, 2):
+            procs[rank].wait(timeout=timeout + 30)
+        elapsed = time.monotonic() - start
+        for rank in (0, 2):
+            assert procs[rank].returncode == 4, open(errs[rank]).read()[-2000:]
+            line = open(errs[rank]).read().strip().splitlines()[-1]
+            assert line.startswith(f"error: rank {rank} (stage {rank + 1})") and "rank 1 (stage 2)" in line, line
+            what = "no answer within the timeout" if fault == "SIGSTOP" else "the connection closed"
+            assert what in line, line
+        assert elapsed < timeout + 25
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
