@@ -11,37 +11,38 @@ import time
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SMALL = ["--data", "synthetic", "--in-size", "8", "--model", "aux-study", "--depth", "3", "--width", "8", "--aux", "mlp",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "synthetic", "--in-size", "8", "--model", "aux-study", "--depth", "3", "--width", "8", "--aux", "mlp",
           "--batch-size", "64", "--no-progress"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _env(**extra):
+def make_env(**extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def launch(per_rank_args: list[list[str]], addr: str = "127.0.0.1", prefix=None, ifname=None):
+def launch(per_rank_args: list[list[str]], addr: str = "127.0.0.1", prefix=None, ifname=None, logs=None):
     """One process per rank, started as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT set),
     but each on its own so that the test sees every rank's exit status. ``prefix`` (per rank)
-    wraps a command (``ip netns exec NS``)."""
-    port, world = _free_port(), len(per_rank_args)
+    wraps a command (``ip netns exec NS``); with ``logs`` (a folder) stderr goes to ``logs/errN``."""
+    port, world = free_port(), len(per_rank_args)
     procs = []
     for rank, args in enumerate(per_rank_args):
-        env = _env(RANK=rank, LOCAL_RANK=0 if prefix else rank, WORLD_SIZE=world, MASTER_ADDR=addr, MASTER_PORT=port)
+        env = make_env(RANK=rank, LOCAL_RANK=0 if prefix else rank, WORLD_SIZE=world, MASTER_ADDR=addr, MASTER_PORT=port)
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname[rank]
         cmd = (prefix[rank] if prefix else []) + [sys.executable, "-m", "dgl_fast", "train", "--distributed", *args]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        err = open(os.path.join(logs, f"err{rank}"), "w") if logs else subprocess.PIPE
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL if logs else subprocess.PIPE,
+                                      stderr=err, text=True))
     return procs
 
 
@@ -54,9 +55,9 @@ def wait_all(procs, timeout=240):
 
 
 def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "dgl_fast", "train", "--distributed", *_SMALL, "--epochs", "2", "--out", str(tmp_path / "a")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=_ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "dgl_fast", "train", "--distributed", *SMALL, "--epochs", "2", "--out", str(tmp_path / "a")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out accuracy (synthetic, 2 ranks)" in res.stdout
     assert res.stdout.count("held-out accuracy") == 1  # rank 0 alone prints
@@ -68,7 +69,7 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     assert json.loads((ckpt / "manifest.json").read_text())["epoch"] == 2
     # a resumed run continues the same training: 2 -> 3 epochs
     cmd2 = cmd[:-4] + ["--epochs", "3", "--out", str(tmp_path / "b"), "--resume", str(ckpt)]
-    res = subprocess.run(cmd2, capture_output=True, text=True, timeout=300, env=_env(), cwd=_ROOT)
+    res = subprocess.run(cmd2, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["epochs_done"] == 3 and resumed["this_run"] == 1
@@ -78,7 +79,7 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
 @pytest.mark.parametrize("differ", [{"--width": ("8", "12"), "--seed": ("0", "1"), "--data": ("synthetic", "digits")},
                                     {"--epochs": ("2", "3")}])
 def test_mismatched_launches_refuse_on_every_rank(differ):
-    base = [x for x in _SMALL if x not in ("--data", "synthetic")] + ["--epochs", "2"]  # digits are 8x8 too
+    base = [x for x in SMALL if x not in ("--data", "synthetic")] + ["--epochs", "2"]  # digits are 8x8 too
     base = base if "--epochs" not in differ else base[:-2]
     per_rank = [base + [x for flag, v in differ.items() for x in (flag, v[rank])] for rank in range(2)]
     per_rank = [r if "--data" in differ else r + ["--data", "synthetic"] for r in per_rank]
@@ -91,7 +92,7 @@ def test_mismatched_launches_refuse_on_every_rank(differ):
                 in line, (flag, line)
 
 
-def _wait_for(proc_err_path, text, timeout):
+def wait_for(proc_err_path, text, timeout):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if text in open(proc_err_path).read():
@@ -103,17 +104,11 @@ def _wait_for(proc_err_path, text, timeout):
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_stalled_or_dead_rank_stops_the_others_within_the_timeout(tmp_path, fault):
     timeout = 6
-    port, world = _free_port(), 3
-    procs, errs = [], []
-    for rank in range(world):
-        err = open(tmp_path / f"err{rank}", "w")
-        errs.append(tmp_path / f"err{rank}")
-        env = _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        cmd = [sys.executable, "-m", "dgl_fast", "train", "--distributed", *_SMALL, "--epochs", "500",
-               "--timeout", str(timeout)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=err))
+    args = [*SMALL, "--epochs", "500", "--timeout", str(timeout)]
+    procs = launch([args] * 3, logs=tmp_path)
+    errs = [tmp_path / f"err{rank}" for rank in range(3)]
     try:
-        assert all(_wait_for(e, " on cpu", 90) for e in errs), [open(e).read()[-1000:] for e in errs]
+        assert all(wait_for(e, " on cpu", 90) for e in errs), [open(e).read()[-1000:] for e in errs]
         time.sleep(1.5)  # training under way
         victim = procs[1]
         os.kill(victim.pid, getattr(signal, fault))
