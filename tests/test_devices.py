@@ -174,3 +174,27 @@ def test_two_groups_on_one_gpu_bitwise(engine, graphs):
     seq, _ = _train(model, data, device="cuda", engine="sequential")
     if not graphs:
         assert_same_state(tr.model, seq.model, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0"], ["cuda:0", "cpu"], ["cuda:0", "cuda:1"]])
+def test_real_hand_offs_between_devices(devices):
+    # real copies between devices: the pipeline engine equals the sequential engine on the same
+    # placement bitwise (the same kernels on the same devices); against one CPU in float64
+    if "cuda:1" in devices and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    model = small_model(4, seed=5, dtype=torch.float64)
+    data = [(x, y) for x, y in batches(7, dtype=torch.float64)] + [(x[:4], y[:4]) for x, y in batches(1, dtype=torch.float64)]
+    kw = dict(devices=devices, placement=[0, 0, 1, 1])
+    seq, _ = _train(model, data, engine="sequential", **kw)
+    pipe, _ = _train(model, data, engine="pipeline", **kw)
+    assert [p.device for p in pipe.model.stages[3].parameters()][0] == torch.device(devices[1])
+    assert_same_state(pipe.model, seq.model, rtol=0, atol=0)
+    assert pipe.read_metrics()[2] == [len(data) * 6 - 2] * 4
+    cpu, _ = _train(model, data, engine="sequential")
+    for k, v in cpu.model.state_dict().items():
+        torch.testing.assert_close(seq.model.state_dict()[k].cpu(), v, rtol=1e-10, atol=1e-10, msg=k)
+    assert pipe.evaluate(batches(2, seed=5, dtype=torch.float64)) == seq.evaluate(batches(2, seed=5, dtype=torch.float64))
+    if all(d.startswith("cuda") for d in devices):
+        streams, _ = _train(model, data, engine="streams", cuda_graphs=False, **kw)
+        assert_same_state(streams.model, seq.model, rtol=0, atol=0)
