@@ -40,6 +40,13 @@ def test_bench_memory_quick(capsys):
     assert "| aux-study-k3 | 3 | 8 | fp32 |" in out and "| aux-study-k3 | 3 | 8 | bf16 |" in out
 
 
+def test_bench_scaling_quick(capsys):
+    assert cli.main(["bench", "scaling", "--quick", "--no-write", "--world", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "## Stage profile (measured)" in out and "| 2 | [0, 0, 1, 1] |" in out
+    assert "## gloo processes on the CPU" in out and "Not measured: this machine has" in out
+
+
 def test_bench_unknown(capsys):
     assert cli.main(["bench", "nosuch"]) == 2
     assert "no benchmark 'nosuch'; expected one of accuracy, aux_head, memory, overlap, replay" in capsys.readouterr().err
