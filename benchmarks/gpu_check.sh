@@ -22,7 +22,7 @@
 # step, pack and exit.
 #
 # Steps (budget / expected time on one H200 with 16 cores; guesses until a first run measures them:
-# 445 s = 7.4 min without the last step, 495 s with it; the two test steps run side by side):
+# 485 s = 8.1 min without the last step, 535 s with it; the two test steps run side by side):
 #   env              30 s /   5 s  GPU, driver, torch, CUDA, nvcc, compute-sanitizer, python, packages
 #   build           240 s /  75 s  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 DGL_FAST_CUDA=1 pip install
 #                                  --no-build-isolation --no-deps -e . ; skipped when dgl_fast already
@@ -46,6 +46,8 @@
 #                                  aux-study K=6 b128 fp32: backprop graph, authors' way, 1 vs K streams
 #   profile          60 s /  20 s  benchmarks/gpu_profile.py: kernels of one fused mlp-sr head step
 #   bench_memory     60 s /  20 s  per-stage bytes, VGG-13 K=4 and aux-study, batch 128 and 512
+#   bench_scaling    90 s /  40 s  VGG-13 K=4 b128: stage profile, predicted k-GPU throughput vs
+#                                  backprop + DDP, gloo processes (2, 4) for the protocol overhead
 #   memcheck_graphs 120 s /  50 s  memcheck of the engine + async steps with CUDA graphs (caching
 #                                  allocator on); last: runs only if time is left
 #
@@ -237,7 +239,8 @@ MIN_STEP_S=15
 declare -A PLAN=(
   [env]="30 5" [build]="240 75" [tests_ops]="180 75" [tests_engines]="150 45" [sanitizer_check]="60 20"
   [memcheck]="150 60" [racecheck]="150 45" [bench_aux_head]="90 20" [bench_replay]="150 45"
-  [bench_overlap]="180 60" [profile]="60 20" [bench_memory]="60 20" [memcheck_graphs]="120 50"
+  [bench_overlap]="180 60" [profile]="60 20" [bench_memory]="60 20" [bench_scaling]="90 40"
+  [memcheck_graphs]="120 50"
 )
 
 DEST="${OUT:-$ROOT/build/gpu_check}"
@@ -430,6 +433,7 @@ AUX_ARGS=(--kinds mlp-sr --shapes "128x16,256x8,512x2" --batches 128 --dtypes "f
 REPLAY_ARGS=()
 OVERLAP_ARGS=(--cases "vgg13-k4:128:fp32,vgg13-k4:128:bf16,vgg13-k4:512:fp32,aux-study-k6:128:fp32")
 MEMORY_ARGS=(--device cuda --batches "128,512" --precisions "fp32,bf16")
+SCALING_ARGS=(--device cuda --steps 20 --world 2,4 --gloo-batches 8)
 if [ "$MODE" = dry ]; then
   TINY=(--quick --device cpu --no-write)  # --quick checks the size options above, then runs tiny sizes
   SANITIZE=("$PY" benchmarks/gpu_sanitize.py --cpu-dry-run)
@@ -456,7 +460,7 @@ else
   if [ "${S_STATUS[IDX]}" != ok ]; then
     echo "gpu_check: STOP: the build failed or CUDA is not usable (see ${S_LOG[IDX]}); the remaining steps are skipped"
     for s in tests_ops tests_engines sanitizer_check memcheck racecheck bench_aux_head bench_replay bench_overlap \
-             profile bench_memory memcheck_graphs; do
+             profile bench_memory bench_scaling memcheck_graphs; do
       skip_step "$s" "build failed"
     done
     pack
@@ -520,6 +524,7 @@ run_step bench_replay "$PY" -m dgl_fast bench replay_buffer "${REPLAY_ARGS[@]}" 
 run_step bench_overlap "$PY" -m dgl_fast bench overlap "${OVERLAP_ARGS[@]}" "${TINY[@]}"
 run_step profile "${PROFILE[@]}"
 run_step bench_memory "$PY" -m dgl_fast bench memory "${MEMORY_ARGS[@]}" "${TINY[@]}"
+run_step bench_scaling "$PY" -m dgl_fast bench scaling "${SCALING_ARGS[@]}" "${TINY[@]}"
 
 # --- 13. what is left of the time: memcheck of the CUDA-graph engine and async steps --------------------
 if [ "$MODE" = dry ]; then
