@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .cli_checks import check_resumed_optimizer
+
 _AGREED = ("model", "aux", "mode", "stages", "block_size", "depth", "width", "hidden", "epochs", "batch_size", "lr",
            "momentum", "weight_decay", "lr_step", "lr_decay", "data", "in_size", "seed", "replicas", "timeout",
            "buffer_capacity", "policy", "max_reuse", "resume")
@@ -36,6 +38,12 @@ def check_distributed_args(args) -> None:
     if args.mode == "async" and args.replicas != 1:
         raise ValueError("argument --replicas: --mode async runs one replica row, got --replicas "
                          f"{args.replicas}")
+    ignored = [flag for flag, on in (("--slowdown", bool(args.slowdown)), ("--schedule", args.schedule != "random"),
+                                     ("--buffer-dtype", args.buffer_dtype not in (None, "float32")),
+                                     ("--cuda-graphs", args.cuda_graphs), ("--channels-last", args.channels_last)) if on]
+    if ignored:
+        raise ValueError(f"argument {ignored[0]}: not used by --distributed runs (each rank runs its stages in turn; "
+                         "async ranks are as fast as they are, not slowed down or drawn at random)")
 
 
 def train_distributed(args, load_data, build_model, lr_schedule) -> int:
@@ -47,7 +55,13 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device.startswith("cuda")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    # the runner's own waits (--timeout) fire first and name the peer; NCCL's watchdog is the backstop
+    backstop = datetime.timedelta(seconds=1.5 * args.timeout + 30)
+    if use_cuda:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=backstop, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=backstop)
     try:
         rank = dist.get_rank()
         torch.manual_seed(args.seed)  # the same initial weights on every rank (checked)
@@ -60,7 +74,11 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         train_y = getattr(spec.train, "y", None)
         fields = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _AGREED}
         fields["training data"] = (spec.name, len(spec.train), None if train_y is None else int(train_y.sum()))
-        ddgl = DistributedDGL(model, optimizer=optimizer, device=device, replicas=args.replicas, mode=args.mode,
+        placement = "balance"
+        if args.resume:  # the grid the checkpoint set was saved with (balancing again could choose another)
+            placement = _saved_placement(args.resume)
+        ddgl = DistributedDGL(model, optimizer=optimizer, placement=placement, device=device, replicas=args.replicas,
+                              mode=args.mode,
                               timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
                               max_reuse=args.max_reuse, fingerprint=fields)
         if rank == 0 and ddgl.balance is not None:
@@ -68,6 +86,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         print(f"{ddgl.name} on {device}", file=sys.stderr)
         if args.resume:
             ddgl.load(args.resume)
+            check_resumed_optimizer(args, ddgl.trainer)
         ckpt = os.path.join(args.out, "checkpoint") if args.out else None
         start = time.perf_counter()
         records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
@@ -87,6 +106,18 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
                     json.dump(summary, f, indent=1)
             print(f"held-out accuracy ({spec.name}, {dist.get_world_size()} ranks): {100 * acc[-1]:.2f}%  "
                   f"(per stage: {' '.join(f'{100 * a:.2f}' for a in acc)})")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # sends or receives of a failed exchange may never complete: abort rather than wait for them
+        dist.distributed_c10d._abort_process_group()  # noqa: SLF001 - torch's own abort, no public name yet
+        raise
+    dist.destroy_process_group()
     return 0
+
+
+def _saved_placement(directory: str) -> list[int]:
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with open(path) as f:
+            return list(json.load(f)["placement"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"argument --resume: {path} is not a readable checkpoint manifest ({exc})") from None

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import dgl_fast
+from dgl_fast.checkpoint import CheckpointError
 from dgl_fast.distributed import ConfigMismatch, DistributedDGL, Layout, even_placement
 from helpers import assert_same_state, batches, sgd, small_model
 
@@ -147,32 +148,50 @@ def test_async_makes_progress_on_every_rank(tmp_path):
 
 # ---------------------------------------------------------------------- checkpoints
 
-def _resume_worker(rank, world, out, phase):
-    model = small_model(3, seed=3, aux="mlp-sr", fused=True)
-    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1], timeout=30)
+def _resume_worker(rank, world, out):
+    """An uninterrupted run, then a run stopped after epoch 1 and one resumed from its checkpoint
+    set: three runners in turn on the same processes (each runner makes its own groups)."""
     ckpt = os.path.join(out, "ckpt")
-    data = _data() if ddgl.feeds else None
-    if phase == "straight":
+    states = {}
+    for phase in ("straight", "first", "resume"):
+        ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
+                              timeout=30)
+        data = _data() if ddgl.feeds else None
+        if phase == "first":
+            ddgl.fit(data, epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=ckpt)
+            continue
+        if phase == "resume":
+            ddgl.load(ckpt)
+            assert ddgl.epoch == 1
         ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
-    elif phase == "first":
-        ddgl.fit(data, epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=ckpt)
-        return
-    else:
+        states[phase] = ddgl.full_state_dict()
+    # all or nothing: another grid, then one rank's file changed -> every rank refuses, nothing loaded
+    other = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 1, 1],
+                           timeout=30)
+    with pytest.raises(CheckpointError, match=r"saved with placement \[0, 0, 1\], this run has \[0, 1, 1\]"):
+        other.load(ckpt)
+    dist.barrier()
+    if rank == 1:
+        with open(os.path.join(ckpt, "rank-00001-epoch-00001.pt"), "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00\x01")
+    dist.barrier()
+    ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
+                          timeout=30)
+    before = {k: v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"rank 1 \(stage 3\): .*does not match the manifest's SHA-256"):
         ddgl.load(ckpt)
-        assert ddgl.epoch == 1
-        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
-    state = ddgl.full_state_dict()
+    assert all(torch.equal(before[k], v) for k, v in ddgl.trainer.model.state_dict().items()) and ddgl.epoch == 0
     if rank == 0:
-        torch.save(state, os.path.join(out, f"{phase}.pt"))
+        torch.save(states, os.path.join(out, "states.pt"))
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
-    for phase in ("straight", "first", "resume"):
-        _spawn(_resume_worker, 2, str(tmp_path), phase)
+    _spawn(_resume_worker, 2, str(tmp_path))
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert names == ["manifest.json", "rank-00000-epoch-00001.pt", "rank-00001-epoch-00001.pt"]
-    a = torch.load(tmp_path / "straight.pt")
-    b = torch.load(tmp_path / "resume.pt")
+    states = torch.load(tmp_path / "states.pt")
+    a, b = states["straight"], states["resume"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 

@@ -5,7 +5,8 @@ atomic, durable) to ``rank-NNNNN-epoch-EEEEE.pt``; once every rank has written, 
 ``manifest.json`` (atomically too) with the grid (world size, placement, replicas), the epoch
 and every file's name and SHA-256, and only then does each rank remove its files of other
 epochs. So a crash at any moment leaves the last complete set and a manifest naming it. A resume
-reads the manifest, refuses another grid, and checks its own file's digest before loading.
+reads the manifest, refuses another grid or mode, and checks its own file's digest before
+loading. Across machines the folder must be shared (the manifest names every rank's file).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def save_rank(trainer, directory: str, rank: int, epoch: int) -> str:
     return _sha256(path)
 
 
-def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str]) -> None:
-    manifest = {"format": _FORMAT, "world_size": layout.world, "replicas": layout.replicas,
+def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str], mode: str) -> None:
+    manifest = {"format": _FORMAT, "mode": mode, "world_size": layout.world, "replicas": layout.replicas,
                 "placement": list(layout.placement), "epoch": epoch,
                 "files": [{"rank": r, "file": _rank_file(r, epoch), "sha256": d} for r, d in enumerate(digests)]}
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=directory)
@@ -75,7 +76,7 @@ def remove_others(directory: str, rank: int, epoch: int) -> None:
             os.remove(os.path.join(directory, name))
 
 
-def load_rank(directory: str, layout: Layout, rank: int) -> dict:
+def load_rank(directory: str, layout: Layout, rank: int, mode: str) -> dict:
     """This rank's verified state from ``directory`` (raises ValueError naming what is wrong)."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
@@ -87,11 +88,14 @@ def load_rank(directory: str, layout: Layout, rank: int) -> dict:
             raise checkpoint.CheckpointError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise checkpoint.CheckpointError(f"{path} is not a dgl_fast distributed checkpoint manifest")
-    for key, mine in (("world_size", layout.world), ("replicas", layout.replicas),
+    for key, mine in (("mode", mode), ("world_size", layout.world), ("replicas", layout.replicas),
                       ("placement", list(layout.placement))):
-        if manifest[key] != mine:
-            raise ValueError(f"the checkpoint was saved with {key} {manifest[key]}, this run has {mine}")
-    entry = manifest["files"][rank]
+        if manifest.get(key) != mine:
+            raise ValueError(f"the checkpoint was saved with {key} {manifest.get(key)}, this run has {mine}")
+    entries = [e for e in manifest["files"] if e.get("rank") == rank]
+    if len(entries) != 1:
+        raise checkpoint.CheckpointError(f"{path} lists no file (or several) for rank {rank}")
+    entry = entries[0]
     file = os.path.join(directory, entry["file"])
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} is missing")

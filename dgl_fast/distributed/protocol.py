@@ -81,9 +81,10 @@ class Layout:
 def describe_failure(exc: BaseException) -> str:
     """What a gloo / NCCL error means, in a few words."""
     text = str(exc)
-    if "Timed out" in text or "timeout" in text.lower():
+    low = text.lower()
+    if "timed out" in low or "timeout" in low or "timing out" in low:
         return "no answer within the timeout: it stalled, or the link to it is down"
-    if "closed" in text.lower() or "reset" in text.lower() or "Broken pipe" in text:
+    if "closed" in low or "reset" in low or "broken pipe" in low:
         return "the connection closed: it exited or crashed"
     return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
 
@@ -119,9 +120,10 @@ class Link:
         return PeerError(f"{me}: {doing} {peer} failed after {time.monotonic() - started:.1f} s "
                          f"(timeout {self.timeout.total_seconds():g} s): {describe_failure(exc)}")
 
-    def _wait(self, work, doing: str, started: float) -> None:
+    def _wait(self, post, doing: str, started: float) -> None:
+        """``post()`` an exchange and wait for it; a failure of either becomes a PeerError."""
         try:
-            work.wait(self.timeout)
+            post().wait(self.timeout)
         except RuntimeError as exc:
             raise self._fail(doing, exc, started) from None
 
@@ -141,14 +143,14 @@ class Link:
         self.seq += 1
         while len(self._sends) > 3 * self.max_in_flight:
             work, _ = self._sends.pop(0)
-            self._wait(work, "sending to", started)
+            self._wait(lambda work=work: work, "sending to", started)
 
     def drain(self) -> None:
         """Wait until every message sent has been delivered."""
         started = time.monotonic()
         while self._sends:
             work, _ = self._sends.pop(0)
-            self._wait(work, "sending to", started)
+            self._wait(lambda work=work: work, "sending to", started)
 
     # ------------------------------------------------------------------ receiving
 
@@ -157,7 +159,7 @@ class Link:
         (magic, sequence, dtype, per-sample shape) before the payload is received."""
         started = time.monotonic()
         header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
-        self._wait(dist.irecv(header, self.peer), "waiting for", started)
+        self._wait(lambda: dist.irecv(header, self.peer), "waiting for", started)
         magic, kind, seq, total, code, ndim, *dims = header.tolist()
         peer = self.layout.describe(self.peer)
         me = self.layout.describe(self.rank)
@@ -175,8 +177,8 @@ class Link:
                             f"[B, {', '.join(map(str, want_shape))}] {want_dtype}: the ranks hold different models")
         h = torch.empty(shape, dtype=dtype, device=self.device)
         y = torch.empty(shape[0], dtype=torch.long, device=self.device)
-        self._wait(dist.irecv(h, self.peer), "waiting for", started)
-        self._wait(dist.irecv(y, self.peer), "waiting for", started)
+        self._wait(lambda: dist.irecv(h, self.peer), "waiting for", started)
+        self._wait(lambda: dist.irecv(y, self.peer), "waiting for", started)
         return h, y, total
 
 
@@ -196,11 +198,22 @@ class Receiver:
 
     def _run(self) -> None:
         try:
+            if self.link.device.type == "cuda":  # a new thread starts on device 0
+                torch.cuda.set_device(self.link.device)
             while True:
                 msg = self.link.recv()
                 self._q.put(msg)
                 if msg is None:
                     return
+                while self._q.qsize() > self.capacity:  # the oldest data goes, as a ring overwrites
+                    try:
+                        old = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(old, tuple):  # never END or an error (those come last)
+                        self._q.put(old)
+                        break
+                    self.dropped += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._q.put(exc)
 

@@ -34,10 +34,17 @@ class GradientAverager:
         self.weight = 1.0
         self._pending: dict[int, list] = {}
         self._handles = []
+        seen: set[int] = set()
         for i, opt in enumerate(optimizers):
             self._pending[i] = []
             for pg in opt.param_groups:
                 for p in pg["params"]:
+                    if not p.requires_grad:
+                        continue
+                    if id(p) in seen:
+                        raise ValueError("a parameter is trained by two stage optimizers: its gradient would be "
+                                         "averaged twice")
+                    seen.add(id(p))
                     self._handles.append(p.register_post_accumulate_grad_hook(self._launcher(i)))
             self._handles.append(opt.register_step_pre_hook(self._finisher(i)))
 

@@ -26,6 +26,7 @@ waits at most ``timeout`` seconds and a stalled or dead peer raises a one-line
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Iterable
 
@@ -61,6 +62,10 @@ def _sample_batch(model: DecoupledModel, batch: int):
     dtype = next(model.parameters()).dtype
     x = torch.randn((batch, *model.input_shape), generator=g).to(dtype)
     return x, torch.randint(0, shapes[-1][1], (batch,), generator=g)
+
+
+def _optimizer_fields(opt: torch.optim.Optimizer):
+    return (type(opt).__name__, [sorted((k, repr(v)) for k, v in g.items() if k != "params") for g in opt.param_groups])
 
 
 class DistributedDGL:
@@ -99,6 +104,12 @@ class DistributedDGL:
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.rank, world = dist.get_rank(), dist.get_world_size()
+        dev = torch.device(device)
+        if dev.type == "cuda":  # first: NCCL (and object collectives) use the current device
+            torch.cuda.set_device(dev)
+        # The runner's own collectives (agreement, placement, metrics, checkpoints) run on a gloo
+        # group with this timeout, whatever the default group's: they fail with PeerError in time.
+        self._ctl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=float(timeout)))
         if not isinstance(replicas, int) or replicas < 1 or world % replicas:
             raise ValueError(f"replicas must divide the world size {world}, got {replicas!r}")
         if mode == "async" and replicas > 1:
@@ -117,7 +128,7 @@ class DistributedDGL:
                   **model_fingerprint(model), **(fingerprint or {})}
         if mode == "async":
             fields.update({"buffer capacity": buffer_capacity, "policy": policy, "max reuse": max_reuse})
-        agree(fields)
+        agree(fields, group=self._ctl)
         shapes = model.check_shapes(model.input_shape)  # (per-sample output shape, logits) of every stage
         first = self.stages[0]
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
@@ -127,8 +138,10 @@ class DistributedDGL:
                                **trainer_kwargs)
         self.device = self.trainer.device
         dtype = next(local.parameters()).dtype
-        if self.device.type == "cuda":  # NCCL collectives (all_gather_object too) use the current device
-            torch.cuda.set_device(self.device)
+        mine = dict(zip(self.stages, self.trainer.optimizers))  # compared among the ranks holding each stage
+        agree({f"optimizer of stage {j + 1}": _optimizer_fields(mine[j]) if j in mine else None
+               for j in range(len(placement))} | {"trainer options": sorted((k, repr(v)) for k, v in trainer_kwargs.items())},
+              "optimizer", group=self._ctl)
         self.inbound = None if self.feeds else Link(self.layout, self.rank, self.rank - 1, self.device, timeout,
                                                     expect=(in_shape, dtype))
         self.outbound = None if self.group == groups - 1 else Link(self.layout, self.rank, self.rank + 1, self.device,
@@ -158,7 +171,7 @@ class DistributedDGL:
                 result[0] = balance(model, _sample_batch(model, balance_batch), groups, optimizer=optimizer,
                                     device=device)
             try:
-                dist.broadcast_object_list(result, src=0)
+                dist.broadcast_object_list(result, src=0, group=self._ctl)
             except RuntimeError as exc:
                 raise PeerError(f"rank {dist.get_rank()}: receiving the balanced placement from rank 0 failed: "
                                 f"{describe_failure(exc)}") from None
@@ -206,9 +219,9 @@ class DistributedDGL:
         if self.feeds:
             for x, y in loader:
                 x, y = self.trainer.prepare_batch(x, y)
-                h, y, total = self._share(x, y)
-                if y.shape[0] >= 1:
-                    yield h, y, total
+                if y.shape[0] < self.layout.replicas:  # every row sees B: all skip it alike
+                    continue
+                yield self._share(x, y)
             return
         while (msg := self.inbound.recv()) is not None:
             yield msg
@@ -277,7 +290,7 @@ class DistributedDGL:
     def _gather(self, obj, what: str) -> list:
         parts = [None] * self.layout.world
         try:
-            dist.all_gather_object(parts, obj)
+            dist.all_gather_object(parts, obj, group=self._ctl)
         except RuntimeError as exc:
             raise PeerError(f"{self.name}: gathering {what} failed: {describe_failure(exc)}") from None
         return parts
@@ -288,8 +301,12 @@ class DistributedDGL:
         every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch.
         With ``checkpoint_dir``, :meth:`save` runs after every epoch."""
         factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
+        if self.feeds and self.layout.replicas > 1 and not hasattr(loader, "__len__"):
+            raise ValueError(f"{self.name}: with replicas every replica row must run as many batches: pass a loader "
+                             "with a length (len(loader)), the same batches on every row")
         batches = len(loader) if self.feeds and hasattr(loader, "__len__") else None
-        agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument")
+        agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument",
+              group=self._ctl)
         records = []
         while self.epoch < epochs:
             self.trainer.set_lr_factor(factors[self.epoch])
@@ -304,34 +321,39 @@ class DistributedDGL:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable | None) -> list[float]:
-        """Accuracy of every stage's head on ``loader`` (fed on replica row 1's feeding rank),
-        the pipeline run forward in eval mode; every rank returns the list (rank 0 prints it)."""
+        """Accuracy of every stage's head on ``loader`` (given on every feeding rank; each replica
+        row evaluates its share of each batch), the pipeline run forward in eval mode; every rank
+        returns the list (rank 0 prints it)."""
         self.trainer.model.eval()
         n = len(self.stages)
         hits, seen = [0] * n, 0
-        if self.replica == 0:
-            if self.feeds:
-                if loader is None:
-                    raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
-                inputs = ((*self.trainer.prepare_batch(x, y, training=False), 0) for x, y in loader)
-            else:
-                inputs = iter(self.inbound.recv, None)
-            for h, y, _ in inputs:
-                for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
-                    h = stage(h)
-                    hits[i] += int((head(h).argmax(1) == y).sum())
-                seen += y.shape[0]
-                if self.outbound is not None:
-                    self.outbound.send(h, y, y.shape[0])
+        if self.feeds:
+            if loader is None:
+                raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
+            inputs = (self._share(*self.trainer.prepare_batch(x, y, training=False)) for x, y in loader)
+        else:
+            inputs = iter(self.inbound.recv, None)
+        for h, y, _ in inputs:
+            if y.shape[0] == 0:  # a batch smaller than the replicas: this row's share is empty
+                continue
+            for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
+                h = stage(h)
+                hits[i] += int((head(h).argmax(1) == y).sum())
+            seen += y.shape[0]
             if self.outbound is not None:
-                self.outbound.send(None, kind=END)
-                self.outbound.drain()
+                self.outbound.send(h, y, y.shape[0])
+        if self.outbound is not None:
+            self.outbound.send(None, kind=END)
+            self.outbound.drain()
         self.trainer.model.train()
         self.trainer.set_train_modes()
-        parts = self._gather({j: (c, seen) for j, c in zip(self.stages, hits)} if self.replica == 0 else {},
-                             "the evaluation counts")
-        counts = {j: v for p in parts for j, v in p.items()}
-        return [counts[j][0] / counts[j][1] if counts[j][1] else float("nan") for j in range(len(self.placement))]
+        parts = self._gather({j: (c, seen) for j, c in zip(self.stages, hits)}, "the evaluation counts")
+        counts = [[0, 0] for _ in self.placement]
+        for part in parts:
+            for j, (c, k) in part.items():
+                counts[j][0] += c
+                counts[j][1] += k
+        return [c / k if k else float("nan") for c, k in counts]
 
     def full_state_dict(self) -> dict:
         """The whole model's ``state_dict`` (replica row 1's stages), on every rank, on the CPU."""
@@ -346,12 +368,25 @@ class DistributedDGL:
         """Every rank writes its stages' trainer state (checksummed, atomic) into ``directory``;
         rank 0 then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`)."""
         self.trainer.epoch, self.trainer.history = self.epoch, self.history
-        digest = files.save_rank(self.trainer, directory, self.rank, self.epoch)
-        digests = self._gather(digest, "the checkpoint digests")
+        digest, error = None, None
+        try:
+            digest = files.save_rank(self.trainer, directory, self.rank, self.epoch)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
+            error = f"{self.name}: {type(exc).__name__}: {exc}"
+        results = self._gather((digest, error), "the checkpoint digests")
+        self._raise_first([e for _, e in results if e], f"saving the checkpoint set in {directory}")
         if self.rank == 0:
-            files.write_manifest(directory, self.layout, self.epoch, digests)
-        self._gather(None, "the manifest")  # every rank knows the manifest is written
+            try:
+                files.write_manifest(directory, self.layout, self.epoch, [d for d, _ in results], self.mode)
+            except Exception as exc:  # noqa: BLE001
+                error = f"{self.name}: writing the manifest: {type(exc).__name__}: {exc}"
+        self._raise_first([e for e in self._gather(error, "the manifest") if e], f"saving in {directory}")
         files.remove_others(directory, self.rank, self.epoch)
+
+    def _raise_first(self, errors: list[str], what: str) -> None:
+        if errors:
+            more = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
+            raise checkpoint.CheckpointError(f"{what} failed: {errors[0]}{more}")
 
     def load(self, directory: str) -> None:
         """Resume from :meth:`save`'s files: every rank checks the manifest (world, placement,
@@ -359,13 +394,11 @@ class DistributedDGL:
         before any state changes."""
         problem, state = None, None
         try:
-            state = files.load_rank(directory, self.layout, self.rank)
+            state = files.load_rank(directory, self.layout, self.rank, self.mode)
             self.trainer.check_state(state)
-        except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
             problem = f"{self.name}: {exc}"
-        problems = [p for p in self._gather(problem, "the checkpoint checks") if p]
-        if problems:
-            raise checkpoint.CheckpointError(f"cannot resume from {directory}: {problems[0]}"
-                                             + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else ""))
+        self._raise_first([p for p in self._gather(problem, "the checkpoint checks") if p],
+                          f"resuming from {directory}")
         self.trainer.load_state_dict(state)
         self.epoch, self.history = self.trainer.epoch, list(self.trainer.history)
