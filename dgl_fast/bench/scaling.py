@@ -41,10 +41,12 @@ def sgd(params):
 
 
 def build(name: str, quick: bool, seed: int = 0) -> dgl_fast.DecoupledModel:
+    """``name``: ``vgg13`` (block size 3), ``vgg13@B`` (block size B) or ``aux-study``."""
     torch.manual_seed(seed)
     if quick:
         return dgl_fast.models.build("aux-study", num_classes=10, in_size=8, depth=4, width=8, aux="mlp")
-    kw = dict(block_size=3) if name.startswith("vgg") else {}
+    name, _, block = name.partition("@")
+    kw = dict(block_size=int(block or 3)) if name.startswith("vgg") else {}
     return dgl_fast.models.build(name, num_classes=10, in_size=32, aux="mlp-sr", **kw)
 
 
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     p = parser("scaling", __doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="vgg13", help="vgg13 (K=4 at block size 3) or aux-study (K=6)")
+    p.add_argument("--block-size", type=int, default=3, help="VGG layers per stage (3: K=4; 1: K=10); results of "
+                   "another than 3 go to scaling_<model>_b<size>-<device>.*")
     p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA, 32 on the CPU")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--world", default="2,4", help="gloo process counts (CPU section; those above the core count "
@@ -226,13 +230,16 @@ def main(argv=None) -> int:
     B = args.batch or (8 if args.quick else 128 if device.type == "cuda" else 32)
     steps = 3 if args.quick else args.steps
     link = [float(g) for g in args.link_gbs.split(",")]
-    model = build(args.model, args.quick)
+    if args.block_size != 3 and not args.model.startswith("vgg"):
+        p.error("--block-size applies to VGG models")
+    spec = f"{args.model}@{args.block_size}" if args.model.startswith("vgg") else args.model
+    model = build(spec, args.quick)
     prof = balance(model, batch_of(model, B, "cpu"), 1, optimizer=sgd, device=device, repeats=3 if args.quick else 7)
     param_bytes = sum(q.numel() * q.element_size() for s in model.stages for q in s.parameters())
-    r = {"config": ("aux-study (quick, K=4)" if args.quick else f"{args.model}, K={model.num_stages}"), "batch": B,
+    r = {"config": ("aux-study (quick, K=4)" if args.quick else f"{spec}, K={model.num_stages}"), "batch": B,
          "link_gbs": link, "stage_times_s": prof.stage_times_s, "handoff_bytes": prof.handoff_bytes,
-         "dgl_ips": trainer_throughput(build(args.model, args.quick), "dgl", device, B, steps),
-         "bp_ips": trainer_throughput(build(args.model, args.quick), "backprop", device, B, steps)}
+         "dgl_ips": trainer_throughput(build(spec, args.quick), "dgl", device, B, steps),
+         "bp_ips": trainer_throughput(build(spec, args.quick), "backprop", device, B, steps)}
     r["predicted"] = predictions(prof, r["bp_ips"], param_bytes, link, B)
     import tempfile  # noqa: PLC0415
 
@@ -240,10 +247,11 @@ def main(argv=None) -> int:
         # at most one process per core: more would measure the oversubscription, not the protocol
         worlds = [int(w) for w in args.world.split(",") if int(w) <= min(model.num_stages, os.cpu_count() or 1)]
         gb = 3 if args.quick else args.gloo_batches
-        r["gloo"] = [gloo_overhead(args.model, args.quick, B if device.type == "cpu" else 32, w, gb, tmp) for w in worlds]
-        r["multi_gpu"] = multi_gpu(args.model, B, steps, tmp) if torch.cuda.device_count() >= 2 else []
+        r["gloo"] = [gloo_overhead(spec, args.quick, B if device.type == "cpu" else 32, w, gb, tmp) for w in worlds]
+        r["multi_gpu"] = multi_gpu(spec, B, steps, tmp) if torch.cuda.device_count() >= 2 else []
     header = env_header(device, command_line(p, argv))
-    return publish(args, "scaling", device, {"header": header, **r}, markdown(header, r))
+    name = "scaling" if args.block_size == 3 else f"scaling_{args.model}_b{args.block_size}"
+    return publish(args, name, device, {"header": header, **r}, markdown(header, r))
 
 
 if __name__ == "__main__":
