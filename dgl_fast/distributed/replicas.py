@@ -6,8 +6,9 @@ Each replica row feeds its share of every batch; replica r's stage loss is the m
 hook scales it by ``b_r / B`` and starts an asynchronous ``all_reduce`` (SUM) on the replicas'
 process group; the optimizer's step pre-hook waits for that stage's reductions. So the step
 equals the single-process step on the concatenated batch (exactly in real arithmetic; in
-floating point to rounding) for models without BatchNorm and with ``SyncBatchNorm``; plain
-``BatchNorm`` normalises each replica's share with its own statistics, as DDP does.
+floating point to rounding) for models without BatchNorm; ``BatchNorm`` normalises each
+replica's share with its own statistics (and keeps its own running statistics), as DDP does
+without ``SyncBatchNorm`` (which the runner does not set up).
 """
 
 from __future__ import annotations
