@@ -125,3 +125,20 @@ def test_a_stalled_or_dead_rank_stops_the_others_within_the_timeout(tmp_path, fa
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.cuda
+def test_nccl_one_rank_per_gpu(tmp_path):
+    """The GPU machine: NCCL with one rank per visible GPU (one GPU: start-up, agreement, the gloo
+    control group, training, evaluation and checkpoints on NCCL; two or more: the messages too)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(free_port()),
+           "-m", "dgl_fast", "train", "--distributed", "--device", "cuda", *SMALL, "--epochs", "2", "--timeout", "60",
+           "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["ranks"] == n
+    assert json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())["epoch"] == 2
