@@ -90,7 +90,8 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         ckpt = os.path.join(args.out, "checkpoint") if args.out else None
         start = time.perf_counter()
         records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
-                           checkpoint_dir=ckpt)
+                           checkpoint_dir=ckpt, progress=not args.no_progress,
+                           callback=_report(args.out) if rank == 0 else None)
         acc = ddgl.evaluate(spec.test if ddgl.feeds else None)
         state = ddgl.full_state_dict()
         if rank == 0:
@@ -112,6 +113,18 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         raise
     dist.destroy_process_group()
     return 0
+
+
+def _report(out: str | None):
+    """Rank 0's epoch callback: one line on stderr and, with ``--out``, a line of metrics.jsonl."""
+    def report(rec: dict) -> None:
+        accs = " ".join("-" if a is None else f"{100 * a:.1f}" for a in rec["train_acc"])
+        print(f"epoch {rec['epoch']}: train accuracy per stage {accs} %, {rec['time_s']:.1f} s", file=sys.stderr)
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return report
 
 
 def _saved_placement(directory: str) -> list[int]:

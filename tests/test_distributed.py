@@ -15,6 +15,7 @@ import torch.nn as nn
 import dgl_fast
 from dgl_fast.checkpoint import CheckpointError
 from dgl_fast.distributed import ConfigMismatch, DistributedDGL, Layout, even_placement
+from dgl_fast.fitting import TrainingDiverged
 from helpers import assert_same_state, batches, sgd, small_model
 
 
@@ -243,7 +244,7 @@ def test_layout_and_even_placement():
             DistributedDGL(small_model(2), optimizer=sgd)
 
 
-def test_checks_in_a_one_rank_group():
+def test_checks_in_a_one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match=r"placement must give each of the 2 stages a stage group.*got \[0, 1\]"):
@@ -260,5 +261,9 @@ def test_checks_in_a_one_rank_group():
             ddgl.train_epoch(None)
         rec = ddgl.train_epoch(batches(2))
         assert rec["stage_samples"] == [12, 12]
+        wild = DistributedDGL(small_model(2), optimizer=lambda p: torch.optim.SGD(p, lr=1e6))
+        with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 1: the loss of stage \d is (nan|inf)"):
+            wild.fit(batches(6), epochs=2, checkpoint_dir=str(tmp_path / "ckpt"))
+        assert wild.epoch == 0 and wild.history == [] and not (tmp_path / "ckpt").exists()
     finally:
         dist.destroy_process_group()

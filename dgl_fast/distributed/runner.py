@@ -27,6 +27,7 @@ waits at most ``timeout`` seconds and a stalled or dead peer raises a one-line
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from .. import checkpoint
 from ..buffer import ReplayBuffer
+from ..fitting import TrainingDiverged
 from ..model import DecoupledModel
 from ..trainer import Trainer
 from . import files
@@ -189,8 +191,6 @@ class DistributedDGL:
         """This rank owns stage 1 of its replica row and reads the data."""
         return self.group == 0
 
-    is_first = feeds
-
     @property
     def is_last(self) -> bool:
         return self.group == self.layout.groups - 1
@@ -214,9 +214,15 @@ class DistributedDGL:
             acc[2][i] += y.shape[0]
         return h
 
-    def _inputs(self, loader):
-        """This epoch's ``(h, y, total)`` inputs: from ``loader`` on feeding ranks, else received."""
+    def _inputs(self, loader, progress: bool = False):
+        """This epoch's ``(h, y, total)`` inputs: from ``loader`` on feeding ranks, else received
+        (``progress``: a bar on rank 0)."""
         if self.feeds:
+            if progress and self.rank == 0:
+                from tqdm.auto import tqdm  # noqa: PLC0415
+
+                loader = tqdm(loader, desc=f"epoch {self.epoch + 1} ({self.layout.world} ranks)", leave=False,
+                              dynamic_ncols=True)
             for x, y in loader:
                 x, y = self.trainer.prepare_batch(x, y)
                 if y.shape[0] < self.layout.replicas:  # every row sees B: all skip it alike
@@ -254,9 +260,11 @@ class DistributedDGL:
         receiver.join()
         self.dropped = receiver.dropped
 
-    def train_epoch(self, loader: Iterable | None = None) -> dict:
+    def train_epoch(self, loader: Iterable | None = None, progress: bool = False) -> dict:
         """One epoch: feeding ranks run ``loader``'s batches, the others what they receive.
-        Returns the epoch's record with every stage's loss and accuracy (gathered from all ranks)."""
+        Returns the epoch's record with every stage's loss and accuracy (gathered from all ranks).
+        A NaN or infinite loss of any stage raises :class:`~dgl_fast.fitting.TrainingDiverged` on
+        every rank at the epoch's end, before the record is kept or a checkpoint written."""
         if self.feeds and loader is None:
             raise ValueError(f"{self.name} feeds stage 1 and must pass the training loader")
         tr = self.trainer
@@ -267,7 +275,7 @@ class DistributedDGL:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.epoch)
         start = time.perf_counter()
-        inputs = self._inputs(loader) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
+        inputs = self._inputs(loader, progress) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
         for h, y, total in inputs:
             out = self._train_local(h, y, total, acc)
             if self.outbound is not None:
@@ -283,6 +291,11 @@ class DistributedDGL:
                   "train_loss": [tot[j][0] / tot[j][2] if tot[j][2] else None for j in range(K)],
                   "train_acc": [tot[j][1] / tot[j][2] if tot[j][2] else None for j in range(K)],
                   "stage_samples": [tot[j][2] for j in range(K)], "time_s": time.perf_counter() - start}
+        bad = [j for j, loss in enumerate(record["train_loss"]) if loss is not None and not math.isfinite(loss)]
+        if bad:
+            raise TrainingDiverged(f"training diverged in epoch {self.epoch + 1}: the loss of stage {bad[0] + 1} is "
+                                   f"{record['train_loss'][bad[0]]} (stages {', '.join(str(j + 1) for j in bad)}); "
+                                   "no checkpoint of this epoch was written", stage=bad[0] + 1)
         self.epoch += 1
         self.history.append(record)
         return record
@@ -296,10 +309,12 @@ class DistributedDGL:
         return parts
 
     def fit(self, loader: Iterable | None, epochs: int, lr_schedule: Callable[[int], float] | None = None,
-            callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None) -> list[dict]:
+            callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None,
+            progress: bool = False) -> list[dict]:
         """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only), after
         every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch.
-        With ``checkpoint_dir``, :meth:`save` runs after every epoch."""
+        With ``checkpoint_dir``, :meth:`save` runs after every epoch; ``progress`` shows a bar
+        on rank 0."""
         factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
         if self.feeds and self.layout.replicas > 1 and not hasattr(loader, "__len__"):
             raise ValueError(f"{self.name}: with replicas every replica row must run as many batches: pass a loader "
@@ -310,7 +325,7 @@ class DistributedDGL:
         records = []
         while self.epoch < epochs:
             self.trainer.set_lr_factor(factors[self.epoch])
-            records.append(self.train_epoch(loader))
+            records.append(self.train_epoch(loader, progress))
             if checkpoint_dir is not None:
                 self.save(checkpoint_dir)
             if callback is not None:
