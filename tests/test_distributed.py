@@ -1,10 +1,12 @@
 """DistributedDGL on gloo processes: the single-process trainer's result (bitwise for pipelines of
 stage groups, to float64 rounding for replicas), async progress, evaluation, exact resume."""
 
+import contextlib
 import copy
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -36,7 +38,20 @@ def _spawn(fn, world, *args):
     mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread, as in the ranks: several processes on a few cores would otherwise
+    oversubscribe them, and bitwise comparisons need the same thread count on both sides."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -77,7 +92,9 @@ def test_pipeline_equals_sequential(tmp_path, world, K, placement):
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     seq = dgl_fast.Trainer(copy.deepcopy(small_model(K, seed=3, aux="mlp-sr", fused=True)), optimizer=sgd,
                            engine="sequential")
-    recs = seq.fit(_data(), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    with one_thread():
+        recs = seq.fit(_data(), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+        acc = seq.evaluate(_data())
     expected = seq.model.state_dict()
     assert result["state"].keys() == expected.keys()
     for k, v in expected.items():
@@ -86,7 +103,7 @@ def test_pipeline_equals_sequential(tmp_path, world, K, placement):
         assert a["stage_samples"] == b["stage_samples"] == [34] * K
         assert a["train_acc"] == b["train_acc"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)  # float32 losses summed in float64
-    assert result["acc"] == seq.evaluate(_data())
+    assert result["acc"] == acc
     assert sorted(set(result["placement"])) == list(range(world))
 
 
@@ -109,7 +126,8 @@ def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
     _spawn(_grid_worker, 4, str(tmp_path), 2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential")
-    ref.fit(_data(B=10, dtype=torch.float64), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    with one_thread():
+        ref.fit(_data(B=10, dtype=torch.float64), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
     got = _nobn_model(4)
     got.load_state_dict(result["state"])
     assert_same_state(got, ref.model, rtol=1e-10, atol=1e-10)  # (g1 b1 + g2 b2) / B: rounding only
@@ -126,13 +144,16 @@ def _async_worker(rank, world, out):
     model = small_model(3, seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 1, 2], mode="async", buffer_capacity=3, timeout=30)
+    if rank == 2:  # a slow last stage: 0.1 s a step, so a synchronous pipeline would need 1.2 s an epoch
+        step = ddgl.trainer.steps[0].step
+        ddgl.trainer.steps[0].step = lambda h, y: (time.sleep(0.1), step(h, y))[1]
     recs = ddgl.fit(batches(12, seed=4) if ddgl.feeds else None, epochs=2)
     mine = ddgl.trainer.model.state_dict()
     changed = [not torch.equal(before[f"{kind}.{ddgl.stages[int(i)]}.{rest}"], v)
                for key, v in mine.items() for kind, i, rest in [key.split(".", 2)] if v.is_floating_point()]
     steps = list(ddgl.trainer.stage_steps)
     parts = [None] * world
-    dist.all_gather_object(parts, {"changed": all(changed), "steps": steps})
+    dist.all_gather_object(parts, {"changed": all(changed), "steps": steps, "times": [r["time_s"] for r in recs]})
     if rank == 0:
         torch.save({"parts": parts, "records": recs}, os.path.join(out, "result.pt"))
 
@@ -145,6 +166,8 @@ def test_async_makes_progress_on_every_rank(tmp_path):
     last = result["records"][-1]
     assert all(n > 0 for n in last["stage_samples"]), last
     assert all(0 <= a <= 1 for a in last["train_acc"])
+    # nobody waits for the slow stage 3: ranks 0 and 1 finish their epochs well inside 1.2 s
+    assert max(result["parts"][0]["times"] + result["parts"][1]["times"]) < 0.8, result["parts"]
 
 
 # ---------------------------------------------------------------------- checkpoints

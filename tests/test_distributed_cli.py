@@ -25,6 +25,7 @@ def free_port() -> int:
 def make_env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # as torchrun sets it: several ranks on a few cores
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from test_distributed import one_thread
 from test_distributed_cli import ROOT, SMALL, launch, wait_all, wait_for
 
 import dgl_fast
@@ -50,6 +51,7 @@ def hosts():
 
 _SCRIPT = textwrap.dedent("""
     import datetime, os, sys, torch, torch.distributed as dist
+    torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from helpers import batches, sgd, small_model
     from dgl_fast.distributed import DistributedDGL
@@ -81,7 +83,8 @@ def test_two_hosts_equal_one_process(hosts, tmp_path):
     from helpers import batches
 
     ref = dgl_fast.Trainer(small_model(4, seed=3), optimizer=sgd, engine="sequential")
-    ref.fit(batches(4, seed=2), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    with one_thread():
+        ref.fit(batches(4, seed=2), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
     got = torch.load(tmp_path / "state.pt")
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
