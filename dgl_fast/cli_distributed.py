@@ -109,7 +109,9 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
                   f"(per stage: {' '.join(f'{100 * a:.2f}' for a in acc)})")
     except BaseException:
         # sends or receives of a failed exchange may never complete: abort rather than wait for them
-        dist.distributed_c10d._abort_process_group()  # noqa: SLF001 - torch's own abort, no public name yet
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch's own, no public name yet
+        if abort is not None:
+            abort()
         raise
     dist.destroy_process_group()
     return 0

@@ -275,8 +275,10 @@ def test_linear_bn_relu_bf16_matches_cpu_kernel(simt):
 # rows and one of 156) on a pretend 16 SMs, and exactly one chunk: M = 1024 with 64 rows, and
 # 1500 rows of 64 columns on 1 SM (2 blocks of 32 columns). Blocks in flight together
 # (resident=4), so the backward's last-block ticket meets interleavings.
-@pytest.mark.parametrize("N,M,sms,chunks", [(128, 1024, H100_SMS, 2), (256, 1024, H100_SMS, 3), (1500, 32, 16, 8),
-                                            (64, 1024, H100_SMS, 1), (1500, 64, 1, 1)])
+# Under AddressSanitizer (test_kernels_under_address_sanitizer) the two H100-sized chunked grids
+# are left out: the 8-chunk grid takes the same chunk-boundary paths at a tenth of the time.
+@pytest.mark.parametrize("N,M,sms,chunks", ([] if ASAN else [(128, 1024, H100_SMS, 2), (256, 1024, H100_SMS, 3)])
+                         + [(1500, 32, 16, 8), (64, 1024, H100_SMS, 1), (1500, 64, 1, 1)])
 @pytest.mark.parametrize("training", [True, False])
 def test_linear_bn_relu_row_chunks(simt, N, M, sms, chunks, training):
     cols, got_chunks, rows = simt.bn_launch_shape(N, M, sms)
@@ -470,7 +472,9 @@ def _replay_sequence(push, sample, shape, dtype, storage_dtype, policy, max_reus
                                                               ((4, 300), torch.float32, torch.bfloat16, 5),
                                                               ((5, 1601), torch.float64, torch.float64, 32)])
 @pytest.mark.parametrize("policy,max_reuse", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 2), (2, 1)])
-@pytest.mark.parametrize("resident", [1, 4])
+# Under AddressSanitizer only one block in flight: every block touches the same addresses either
+# way, and the interleavings of 4 in flight are checked (for results) in the plain run.
+@pytest.mark.parametrize("resident", [1] if ASAN else [1, 4])
 def test_replay_sample_is_one_launch_on_a_grid(simt, shape, dtype, storage_dtype, blocks, policy, max_reuse, resident):
     args = (shape, dtype, storage_dtype, policy, max_reuse)
     launches = []
