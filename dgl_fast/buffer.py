@@ -45,16 +45,21 @@ __all__ = ["ReplayBuffer", "Sample"]
 
 class Sample(tuple):
     """``(h, y)`` from :meth:`ReplayBuffer.sample`, plus ``valid`` (bool device tensor: a slot was
-    available) and ``slot`` (int64 device tensor, -1 when none). Unpacks as ``h, y = sample``."""
+    available) and ``slot`` (int64 device tensor, -1 when none). Unpacks as ``h, y = sample``.
+    ``valid`` is made when first read (one small kernel), not on every sample."""
 
-    valid: torch.Tensor
     slot: torch.Tensor
 
     def __new__(cls, h: torch.Tensor, y: torch.Tensor, info: torch.Tensor):
         self = super().__new__(cls, (h, y))
         self.slot = info[0]
-        self.valid = info[1].bool()
+        self._info = info
         return self
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Whether a slot was available (bool device tensor; no host sync)."""
+        return self._info[1].bool()
 
 
 def _free_bytes(device: torch.device) -> int | None:

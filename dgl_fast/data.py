@@ -54,9 +54,14 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator |
     """
     B, _, H, W = x.shape
     dev = x.device
-    ox = torch.randint(0, 2 * padding + 1, (B,), generator=generator).to(dev)
-    oy = torch.randint(0, 2 * padding + 1, (B,), generator=generator).to(dev)
-    flip = (torch.rand(B, generator=generator) < 0.5).to(dev)
+    # drawn on the host (the same numbers on every device), sent in one non-blocking copy from
+    # pinned memory: the host never waits for the device here
+    draws = torch.empty(3, B, dtype=torch.long, pin_memory=dev.type == "cuda")
+    draws[0].random_(0, 2 * padding + 1, generator=generator)
+    draws[1].random_(0, 2 * padding + 1, generator=generator)
+    draws[2] = torch.rand(B, generator=generator) < 0.5
+    ox, oy, flip = draws.to(dev, non_blocking=True).unbind(0)
+    flip = flip.bool()
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (oy[:, None] + torch.arange(H, device=dev)[None, :])  # [B, H]
     cols = (ox[:, None] + torch.arange(W, device=dev)[None, :])  # [B, W]

@@ -104,11 +104,13 @@ def _encode(kind: int, seq: int, total: int, t: torch.Tensor | None) -> torch.Te
 class Link:
     """This rank's end of the forward link to one neighbour (``peer``), with ``timeout`` seconds
     for each blocking wait. ``expect`` is the per-sample shape and dtype of the activations the
-    peer sends (receiving end only)."""
+    peer sends (receiving end only). ``group``: the process group of this link alone (both ends
+    in it; None: the default group), so that the two directions of a rank never share one."""
 
     def __init__(self, layout: Layout, rank: int, peer: int, device: torch.device, timeout: float,
-                 expect: tuple[tuple[int, ...], torch.dtype] | None = None, max_in_flight: int = 2):
+                 expect: tuple[tuple[int, ...], torch.dtype] | None = None, max_in_flight: int = 2, group=None):
         self.layout, self.rank, self.peer, self.device = layout, rank, peer, device
+        self.group = group
         self.timeout = datetime.timedelta(seconds=float(timeout))
         self.expect = expect
         self.max_in_flight = max(1, int(max_in_flight))
@@ -137,7 +139,7 @@ class Link:
         msgs = [header] if kind != DATA else [header, h.contiguous(), y.contiguous()]
         try:
             for t in msgs:
-                self._sends.append((dist.isend(t, self.peer), t))
+                self._sends.append((dist.isend(t, self.peer, group=self.group), t))
         except RuntimeError as exc:
             raise self._fail("sending to", exc, started) from None
         self.seq += 1
@@ -159,7 +161,7 @@ class Link:
         (magic, sequence, dtype, per-sample shape) before the payload is received."""
         started = time.monotonic()
         header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
-        self._wait(lambda: dist.irecv(header, self.peer), "waiting for", started)
+        self._wait(lambda: dist.irecv(header, self.peer, group=self.group), "waiting for", started)
         magic, kind, seq, total, code, ndim, *dims = header.tolist()
         peer = self.layout.describe(self.peer)
         me = self.layout.describe(self.rank)
@@ -177,8 +179,8 @@ class Link:
                             f"[B, {', '.join(map(str, want_shape))}] {want_dtype}: the ranks hold different models")
         h = torch.empty(shape, dtype=dtype, device=self.device)
         y = torch.empty(shape[0], dtype=torch.long, device=self.device)
-        self._wait(lambda: dist.irecv(h, self.peer), "waiting for", started)
-        self._wait(lambda: dist.irecv(y, self.peer), "waiting for", started)
+        self._wait(lambda: dist.irecv(h, self.peer, group=self.group), "waiting for", started)
+        self._wait(lambda: dist.irecv(y, self.peer, group=self.group), "waiting for", started)
         return h, y, total
 
 

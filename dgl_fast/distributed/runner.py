@@ -144,10 +144,22 @@ class DistributedDGL:
         agree({f"optimizer of stage {j + 1}": _optimizer_fields(mine[j]) if j in mine else None
                for j in range(len(placement))} | {"trainer options": sorted((k, repr(v)) for k, v in trainer_kwargs.items())},
               "optimizer", group=self._ctl)
+        # One process group per forward link (r, g) -> (r, g + 1), made in the same order on every
+        # rank: a rank's sends (main thread) and its receives (async mode: the receiver's thread)
+        # never share a communicator, which NCCL does not promise is safe across threads. Their
+        # own timeout is a backstop; every exchange waits at most `timeout` (Link).
+        backstop = datetime.timedelta(seconds=1.5 * float(timeout) + 30)
+        link_groups = {}
+        for r in range(replicas):
+            for g in range(groups - 1):
+                a, b = self.layout.rank(r, g), self.layout.rank(r, g + 1)
+                link_groups[a, b] = dist.new_group([a, b], timeout=backstop)
         self.inbound = None if self.feeds else Link(self.layout, self.rank, self.rank - 1, self.device, timeout,
-                                                    expect=(in_shape, dtype))
+                                                    expect=(in_shape, dtype),
+                                                    group=link_groups[self.rank - 1, self.rank])
         self.outbound = None if self.group == groups - 1 else Link(self.layout, self.rank, self.rank + 1, self.device,
-                                                                   timeout, max_in_flight=max_in_flight)
+                                                                   timeout, max_in_flight=max_in_flight,
+                                                                   group=link_groups[self.rank, self.rank + 1])
         self.averager = None
         if replicas > 1:
             pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
