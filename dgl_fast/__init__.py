@@ -6,7 +6,8 @@ from .buffer import ReplayBuffer, Sample
 from .heads import HEAD_KINDS, AuxHead
 from .model import DecoupledModel
 from .trainer import StepOutput, Trainer
+from .utils import cpu_features
 
 __version__ = "0.1.0"
 __all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer", "build_config",
-           "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]
+           "cpu_features",            "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]

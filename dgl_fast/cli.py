@@ -91,7 +91,9 @@ def _train_parser(sub) -> None:
     e.add_argument("--cuda-graphs", default=None, action=argparse.BooleanOptionalAction,
                    help="one CUDA graph per stage step (default: on with the streams engine and SGD)")
     e.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast each stage")
-    e.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    e.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+                   help="channels_last model and inputs (default: auto, on where it is faster: float32/bf16 "
+                        "convolutions on x86 CPUs with oneDNN, CUDA with --amp; the choice is printed)")
     e.add_argument("--distributed", action="store_true",
                    help="place stages across torch.distributed ranks: launch with torchrun (NCCL on GPUs, gloo on CPUs)")
     e.add_argument("--replicas", type=positive_int, default=1,
@@ -196,12 +198,12 @@ def _train(args) -> int:
                           slowdown=slowdown, schedule=args.schedule,
                           buffer_dtype=getattr(torch, args.buffer_dtype) if args.buffer_dtype else None,
                           seed=args.seed, engine=args.engine, cuda_graphs=args.cuda_graphs, amp=args.amp,
-                          channels_last=args.channels_last)
+                          channels_last="auto" if args.channels_last is None else args.channels_last)
     except ValueError as exc:
         given = [f"--mode {args.mode}", f"--engine {args.engine}", f"--device {args.device}"]
         given += [f"--{'' if args.cuda_graphs else 'no-'}cuda-graphs"] if args.cuda_graphs is not None else []
         given += [f"--amp {args.amp}"] if args.amp else []
-        given += ["--channels-last"] if args.channels_last else []
+        given += [f"--{'' if args.channels_last else 'no-'}channels-last"] if args.channels_last is not None else []
         raise ValueError(f"{exc} (options {' '.join(given)})") from exc
     if args.resume:
         try:
@@ -231,7 +233,9 @@ def _train(args) -> int:
     n_params = sum(p.numel() for p in model.stages.parameters())
     n_aux = sum(p.numel() for p in model.heads.parameters())
     print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device} "
-          f"(engine {trainer.engine_name}{', CUDA graphs' if trainer.cuda_graphs else ''}); "
+          f"(engine {trainer.engine_name}{', CUDA graphs' if trainer.cuda_graphs else ''}"
+          f"{', amp ' + args.amp if args.amp else ''}, channels_last "
+          f"{'on' if trainer.channels_last else 'off'}{' (auto)' if args.channels_last is None else ''}); "
           f"{spec.name}: {len(spec.train)} batches/epoch; trunk {n_params / 1e6:.2f}M params, heads {n_aux / 1e6:.2f}M",
           file=sys.stderr)
     if args.resume:
@@ -260,6 +264,7 @@ def _train(args) -> int:
         "epochs_done": trainer.epoch, "test_acc_per_stage": final, "test_acc": final[-1],
         "test_acc_ensemble": trainer.evaluate_ensemble(spec.test),
         "train_time_s": time.perf_counter() - start, "device": str(device), "torch": torch.__version__,
+        "amp": args.amp, "channels_last": trainer.channels_last, "engine": trainer.engine_name,
     }
     if out:
         with open(os.path.join(out, "summary.json"), "w") as f:

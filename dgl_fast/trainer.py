@@ -82,7 +82,10 @@ class Trainer:
             ``max_reuse``; async batches keep one size, and :meth:`fit` skips a partial last one).
         amp: ``None``, ``"bf16"`` or ``"fp16"``: autocast per stage (fp16 with a loss scaler per
             stage; CUDA only).
-        channels_last: keep the model and its inputs in channels_last memory format.
+        channels_last: keep the model and its inputs in channels_last memory format: ``True``,
+            ``False`` or ``"auto"`` (the default: on where it is the faster layout, i.e. float32/bf16
+            models with convolutions on x86 CPUs with oneDNN, and on CUDA under ``amp``; see
+            :mod:`dgl_fast.config`). The resolved choice is the attribute ``channels_last``.
         streams: what ``mode="async"`` on ``engine="streams"`` runs its free-running stages on:
             real CUDA streams by default; :class:`dgl_fast.streams.RecordedStreams` runs that
             schedule on the CPU and records the order a GPU would enforce (with emulated CUDA
@@ -112,7 +115,7 @@ class Trainer:
                  policy: str = "priority_lifo", max_reuse: int | None = None, slowdown: dict | None = None,
                  schedule: str = "random", buffer_dtype: torch.dtype | None = None, seed: int = 0,
                  engine: str = "auto", cuda_graphs: bool | str | None = None, amp: str | None = None,
-                 channels_last: bool = False, streams=None, devices=None, placement=None, balance_batch: int = 32):
+                 channels_last: bool | str = "auto", streams=None, devices=None, placement=None, balance_batch: int = 32):
         if not isinstance(model, DecoupledModel):
             raise TypeError(f"Trainer expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
         if optimizer is not None and not callable(optimizer):
@@ -125,6 +128,7 @@ class Trainer:
                                    amp=amp, channels_last=channels_last, streams=streams, buffer_capacity=buffer_capacity,
                                    policy=policy, max_reuse=max_reuse, buffer_dtype=buffer_dtype, slowdown=slowdown,
                                    schedule=schedule, seed=seed)
+        cfg = config.resolve_channels_last(cfg, model)
         self.mode, self.device, self.amp, self.channels_last = mode, cfg.device, cfg.amp, cfg.channels_last
         #: the group devices, each stage's group and device, and the balance that chose them (or None)
         self.devices, self.placement, self.stage_devices = plan.devices, plan.placement, plan.stage_devices

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 
 import torch
 import torch.nn as nn
 
-__all__ = ["resolve_device", "has_batchnorm", "kept_modes", "to_device", "hand_off", "BatchChecker"]
+__all__ = ["cpu_features", "resolve_device", "has_batchnorm", "kept_modes", "to_device", "hand_off", "BatchChecker"]
 
 
 def resolve_device(device) -> torch.device:
@@ -26,6 +28,31 @@ def resolve_device(device) -> torch.device:
     if index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> dict:
+    """What this CPU offers the CPU paths: ``arch`` (``platform.machine()``), ``capability``
+    (torch's vector ISA, e.g. ``AVX512``), ``onednn`` (oneDNN/mkldnn built in, torch's fast
+    channels_last convolutions on x86), ``avx512_bf16`` and ``amx_bf16`` (bf16 instructions, read
+    from ``/proc/cpuinfo`` on Linux; None where it cannot be read). ``lscpu | grep -o 'avx512_bf16\\|amx_bf16'``
+    tells the same from a shell."""
+    flags = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"arch": platform.machine(), "capability": capability, "onednn": bool(torch.backends.mkldnn.is_available()),
+            "avx512_bf16": None if flags is None else "avx512_bf16" in flags,
+            "amx_bf16": None if flags is None else "amx_bf16" in flags}
 
 
 def has_batchnorm(model: nn.Module) -> bool:

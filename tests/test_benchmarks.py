@@ -31,7 +31,22 @@ def test_bench_overlap_quick(capsys):
 def test_bench_accuracy_quick(capsys):
     assert cli.main(["bench", "accuracy", "--quick", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert "| dgl |" in out and "| backprop |" in out
+    assert "| dgl |" in out and "| backprop |" in out and "| dgl-nchw |" in out and "| dgl-bf16 |" in out
+    # the default layout is channels_last on an x86 CPU with oneDNN, and the NCHW variant is NCHW
+    import dgl_fast
+
+    cpu = dgl_fast.cpu_features()
+    fast = cpu["onednn"] and cpu["arch"] in ("x86_64", "AMD64")
+    assert ("| dgl | --mode dgl | channels_last |" in out) == fast
+    assert "| dgl-nchw | --mode dgl --no-channels-last | NCHW |" in out
+
+
+def test_bench_step_quick(capsys):
+    assert cli.main(["bench", "step", "--quick", "--no-write", "--variants", "DGL fp32 NCHW,DGL bf16 + channels_last"]) == 0
+    out = capsys.readouterr().out
+    assert "| authors' way (DGL, NCHW fp32) |" in out and "| DGL fp32 NCHW |" in out
+    assert "| DGL bf16 + channels_last |" in out and "| backprop fp32 NCHW |" not in out
+    assert cli.main(["bench", "step", "--quick", "--no-write", "--variants", "nosuch"]) == 2
 
 
 def test_bench_memory_quick(capsys):

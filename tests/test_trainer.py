@@ -140,3 +140,35 @@ def test_ensemble_of_heads_weighted_by_depth():
             n += len(y)
     assert got == hits / n
     assert len(tr.evaluate(data)) == 3
+
+
+def test_channels_last_auto_follows_the_rule_and_is_held_by_the_trainer():
+    cpu = dgl_fast.cpu_features()
+    fast_cpu = cpu["onednn"] and cpu["arch"].lower() in ("x86_64", "amd64")
+    # float32 convolutions on the CPU: on exactly where oneDNN runs channels_last natively
+    tr = dgl_fast.Trainer(small_model(2, seed=3), optimizer=sgd)
+    assert tr.channels_last is fast_cpu
+    w = next(p for p in tr.model.parameters() if p.dim() == 4)
+    assert w.is_contiguous(memory_format=torch.channels_last) is fast_cpu or w.shape[-1] == w.shape[-2] == 1
+    # float64 (oneDNN has no float64 convolutions): off
+    assert dgl_fast.Trainer(small_model(2, seed=3, dtype=torch.float64), optimizer=sgd).channels_last is False
+    # a model without 2-d convolutions: off
+    mlp = dgl_fast.DecoupledModel([torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))],
+                                  [torch.nn.Linear(7, 3)])
+    assert dgl_fast.Trainer(mlp, optimizer=sgd).channels_last is False
+    # explicit choices win
+    assert dgl_fast.Trainer(small_model(2, seed=3), optimizer=sgd, channels_last=False).channels_last is False
+    assert dgl_fast.Trainer(small_model(2, seed=3), optimizer=sgd, channels_last=True).channels_last is True
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="channels_last must be True, False or 'auto'"):
+            dgl_fast.Trainer(small_model(2, seed=3), optimizer=sgd, channels_last=bad)
+
+
+def test_channels_last_auto_trains_as_the_explicit_choice_bitwise():
+    model, data = small_model(3, seed=4), batches(3)
+    auto = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd)
+    explicit = dgl_fast.Trainer(copy.deepcopy(model), optimizer=sgd, channels_last=auto.channels_last)
+    for x, y in data:
+        auto.step(x, y)
+        explicit.step(x, y)
+    assert_same_state(auto.model, explicit.model, rtol=0, atol=0)

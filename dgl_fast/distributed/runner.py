@@ -136,6 +136,8 @@ class DistributedDGL:
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
         local = DecoupledModel([model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages],
                                input_shape=in_shape)
+        # NCHW unless asked: the links send contiguous (NCHW) activations
+        trainer_kwargs.setdefault("channels_last", False)
         self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
                                **trainer_kwargs)
         self.device = self.trainer.device
