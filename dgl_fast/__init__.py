@@ -10,4 +10,4 @@ from .utils import cpu_features
 
 __version__ = "0.1.0"
 __all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer", "build_config",
-           "cpu_features",            "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]
+           "cpu_features", "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]
