@@ -37,6 +37,18 @@ def command_line(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> str:
     return " ".join([p.prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def env_header(device: torch.device, command: str | None = None) -> dict:
     """GPU (or CPU), versions, command and date: every results file starts with this. ``command``
     defaults to this process's command line."""
@@ -47,7 +59,7 @@ def env_header(device: torch.device, command: str | None = None) -> dict:
                             *sys.argv[1:]])
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": gpu or f"CPU ({cpu_model()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "dgl_fast": dgl_fast.__version__,
