@@ -22,6 +22,19 @@ def test_bench_aux_head_quick(capsys):
     assert "fused eager" in out and out.count("| mlp-sr |") == 2 and out.count("| last |") == 2
 
 
+def test_bench_aux_head_sets_and_states_tf32(tmp_path, monkeypatch):
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert cli.main(["bench", "aux_head", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    payload = json.loads((tmp_path / "aux_head-cpu.json").read_text())
+    assert payload["tf32"] == {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False}
+    assert "TF32: torch.backends.cuda.matmul.allow_tf32 = False, torch.backends.cudnn.allow_tf32 = False" in (
+        tmp_path / "aux_head-cpu.md").read_text()
+
+
 def test_bench_overlap_quick(capsys):
     assert cli.main(["bench", "overlap", "--quick", "--no-write", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
