@@ -1,4 +1,4 @@
-"""Command line: ``python -m dgl_fast train ...`` (see ``--help``), ``info`` and ``bench NAME``.
+"""Command line: ``python -m dgl_fast train ...`` (see ``--help``), ``info``, ``check`` and ``bench NAME``.
 
 The option checks live in ``cli_checks``, the accuracy plot in ``plots``."""
 
@@ -297,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("info", help="print what was compiled (build_config) and the devices seen")
+    c = sub.add_parser("check", help="self-check of this build on this device: every op against its reference, "
+                       "graphs, streams, async, a short benchmark; exit 1 on any failure")
+    from . import selfcheck  # noqa: PLC0415
+
+    selfcheck.add_arguments(c)
     b = sub.add_parser("bench", help="run a benchmark (dgl_fast.bench), e.g. `bench replay_buffer`; results go to "
                        "benchmarks/results/ in the current directory unless --out-dir says otherwise")
     b.add_argument("name", help="benchmark name: NAME runs dgl_fast.bench.NAME (accuracy, aux_head, memory, overlap, "
@@ -305,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return cmd_bench(args.name, args.rest)
+    if args.command == "check":
+        rest = list(sys.argv[1:] if argv is None else argv)
+        return selfcheck.run_cli(args, rest[rest.index("check") + 1:] if "check" in rest else [])
     if args.command == "train":
         return cmd_train(args)
     if args.command == "info":

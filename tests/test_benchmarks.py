@@ -22,6 +22,19 @@ def test_bench_aux_head_quick(capsys):
     assert "fused eager" in out and out.count("| mlp-sr |") == 2 and out.count("| last |") == 2
 
 
+def test_bench_aux_head_sets_and_states_tf32(tmp_path, monkeypatch):
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert cli.main(["bench", "aux_head", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    payload = json.loads((tmp_path / "aux_head-cpu.json").read_text())
+    assert payload["tf32"] == {"cuda.matmul.allow_tf32": False, "cudnn.allow_tf32": False}
+    assert "TF32: torch.backends.cuda.matmul.allow_tf32 = False, torch.backends.cudnn.allow_tf32 = False" in (
+        tmp_path / "aux_head-cpu.md").read_text()
+
+
 def test_bench_overlap_quick(capsys):
     assert cli.main(["bench", "overlap", "--quick", "--no-write", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -118,3 +131,37 @@ def test_gpu_check_script_parses():
     out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, check=True).stdout
     assert "--cpu-dry-run" in out and "memcheck" in out
     assert subprocess.run(["bash", script, "--bogus"], capture_output=True).returncode == 2
+
+
+def _gpu_check_script():
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+
+
+def test_gpu_check_budget_fits_eight_minutes():
+    """The header's step table and the PLAN array agree, and the expected wall time (the tests and the
+    sanitizer lane side by side, everything else in turn) is at most 8 minutes."""
+    import re
+
+    text = open(_gpu_check_script()).read()
+    header = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^#   (\w+) +(\d+) s / +(\d+) s", text, re.M)}
+    plan = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r'\[(\w+)\]="(\d+) (\d+)"', text)}
+    assert header == plan and "selfcheck" in plan
+    lane = sum(plan[s][1] for s in ("sanitizer_check", "memcheck", "racecheck", "memcheck_graphs"))
+    side_by_side = max(plan["tests_ops"][1], plan["tests_engines"][1], lane)
+    rest = sum(e for s, (_, e) in plan.items() if s not in ("tests_ops", "tests_engines", "sanitizer_check", "memcheck",
+                                                             "racecheck", "memcheck_graphs"))
+    assert rest + side_by_side <= 480
+
+
+def test_gpu_check_sanitizer_refusing_the_device_is_one_note(tmp_path):
+    """A compute-sanitizer that refuses the device ("Device not supported", error 999): exit 3 (SKIP), one note."""
+    import subprocess
+
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text('#!/bin/bash\n[ "$1" = --version ] && { echo "Version 2025.1"; exit 0; }\n'
+                    'echo "========= Error: Device not supported"; echo "CUDA error: unknown error (999)"; exit 1\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["bash", _gpu_check_script(), "__sanitizer_check"], capture_output=True, text=True, env=env)
+    notes = [line for line in res.stdout.splitlines() if line.startswith("note: ")]
+    assert res.returncode == 3 and len(notes) == 1 and "refuses this device" in notes[0], res.stdout

@@ -11,6 +11,10 @@ the input and to every parameter; BatchNorm in training mode) run as
   - reference under ``torch.compile``;
   - fused eager: ``AuxHead`` with dgl_fast's ops;
   - fused in one CUDA graph.
+TF32 is off for both sides (``torch.backends.cuda.matmul.allow_tf32`` and
+``torch.backends.cudnn.allow_tf32`` are set False, and the results say so): otherwise the
+reference head's 1x1 convolutions would run TF32 in cuDNN while the fused ops' products run full
+fp32 in cuBLAS, and the fp32 rows would compare unequal arithmetic.
 Microseconds are the median of CUDA-event timings after warm-up. Effective GB/s counts the
 unavoidable traffic (read the input and write its gradient once, read the parameters and write
 their gradients once) against the device copy bandwidth measured in the same run.
@@ -87,9 +91,19 @@ def bench_case(device, kind, C, s, B, amp, compile_ref, reps):
 TIMES = ("ref_eager_us", "ref_graph_us", "ref_compile_us", "fused_eager_us", "fused_graph_us")
 
 
-def markdown(header, ceiling, rows) -> str:
+def set_tf32(enabled: bool = False) -> dict:
+    """Set both TF32 switches (cuBLAS products, cuDNN convolutions) and return them as the results state them."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
+
+
+def markdown(header, ceiling, rows, tf32=None) -> str:
+    flags = ", ".join(f"torch.backends.{k} = {v}" for k, v in (tf32 or {}).items())
     lines = md_header(header, "Auxiliary-head forward + backward",
-                      f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).")
+                      f"Device copy ceiling measured in this run: {ceiling:.0f} GB/s. Times in microseconds (median).",
+                      f"TF32: {flags} (both sides run full fp32 products in the fp32 rows).")
     def row(r):
         best = r.get("fused_graph_us", r["fused_eager_us"])
         vs_graph = f"{r['ref_graph_us'] / best:.1f}x" if "ref_graph_us" in r else "-"
@@ -143,13 +157,14 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown --dtypes {sorted(unknown)}; expected fp32, bf16")
         amps = [d == "bf16" for d in args.dtypes.split(",")]
+    tf32 = set_tf32(False)  # the reference's cuDNN convolutions and the fused ops' cuBLAS products alike
     compile_ref = not (args.quick or args.no_compile)
     ceiling = copy_bandwidth_gbs(device, 1 << 20 if args.quick else 1 << 28)
     compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
     rows = [bench_case(device, kind, C, s, B, amp, compile_ref and B in compile_batches, reps)
             for kind in kinds for shapes in stages.values() for C, s in shapes for B in batches for amp in amps]
-    return publish(args, "aux_head", device, {"header": header, "copy_gbs": ceiling, "rows": rows},
-                   markdown(header, ceiling, rows))
+    return publish(args, "aux_head", device, {"header": header, "tf32": tf32, "copy_gbs": ceiling, "rows": rows},
+                   markdown(header, ceiling, rows, tf32))
 
 
 if __name__ == "__main__":
