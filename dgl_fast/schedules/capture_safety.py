@@ -25,7 +25,7 @@ to do, on:
   synchronisations (``torch.cuda.stream``, ``set_stream``, ``Stream.wait_*``, ``synchronize``),
   ``Tensor.record_stream`` (``aten.record_stream``);
 - a parameter, buffer, optimizer state tensor or static input/output whose storage (data pointer,
-  shape, dtype) differs from capture time, checked before and after every replay: a real graph
+  shape, dtype) differs from capture time, checked before every replay: a real graph
   would still read and write the old memory (``p.data = ...`` or a new momentum buffer after
   capture).
 
@@ -202,40 +202,81 @@ def _uninstall() -> None:
 # ---------------------------------------------------------------- the dispatcher watch
 
 
+_PLAIN, _RULE, _INDEXING, _REPEATING, _LIFT, _COPY, _TO_COPY, _RECORD = range(8)
+
+
+def _kind(func) -> tuple[int, bool]:
+    """What the watch checks of ``func``: its kind, and whether it draws random numbers."""
+    packet = func.overloadpacket
+    kind = (_RULE if packet in _SYNC else _INDEXING if packet in _INDEX else
+            _REPEATING if packet in _REPEAT and func is not _aten.repeat_interleave.self_int else
+            _LIFT if packet is _aten.lift_fresh or packet is _aten.lift_fresh_copy else
+            _COPY if packet is _aten.copy_ else _TO_COPY if packet is _aten._to_copy else
+            _RECORD if packet is _aten.record_stream else _PLAIN)
+    return kind, torch.Tag.nondeterministic_seeded in func.tags
+
+
+_KINDS: dict = {}  # op overload -> _kind(op), filled as ops are first seen
+
+
 class _Mode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch (2.14) wraps a mode's __torch_dispatch__ in a dynamo-disabling frame, several
+        # microseconds per op; nothing is compiled inside a stage step's replay
+        return False
+
     def __init__(self, watch: CaptureWatch):
         super().__init__()
         self.watch = watch
         self.made: set[int] = set()  # data pointers of tensors made inside the step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
+        k = _KINDS.get(func)
+        if k is None:
+            k = _KINDS[func] = _kind(func)
+        kind, random = k
+        if kind or random or self.watch.cuda:
+            self.check(func, kind, random, args, kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            self.made.add(out.data_ptr())
+        elif isinstance(out, (tuple, list)):
+            made = self.made
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    made.add(t.data_ptr())
+                elif isinstance(t, (tuple, list)):
+                    made.update(u.data_ptr() for u in t if isinstance(u, torch.Tensor))
+        return out
+
+    def check(self, func, kind: int, random: bool, args, kwargs) -> None:
         watch = self.watch
-        packet = func.overloadpacket
-        rule = _SYNC.get(packet)
-        if rule is not None:
-            watch.refuse(f"{_op(func)}: {rule[0]}", rule[1])
-        if packet in _INDEX:
+        if kind == _RULE:
+            what, todo = _SYNC[func.overloadpacket]
+            watch.refuse(f"{_op(func)}: {what}", todo)
+        elif kind == _INDEXING:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype in _BOOL for i in indices or ()):
                 watch.refuse(f"{_op(func)} with a boolean mask (an output size read back by the host)",
                              "multiply by the mask or use torch.where")
-        elif packet in _REPEAT and func is not _aten.repeat_interleave.self_int and kwargs.get("output_size") is None:
+        elif kind == _REPEATING and kwargs.get("output_size") is None:
             watch.refuse(f"{_op(func)} without output_size (a host sync)", "pass output_size")
-        elif packet is _aten.lift_fresh or packet is _aten.lift_fresh_copy:
-            if args[0].dim() > 0:
-                watch.refuse(f"{_op(func)}: a tensor made from Python or host data",
-                             "make it once outside the stage step (a registered buffer)")
-        elif packet is _aten.copy_:
+        elif kind == _LIFT and args[0].dim() > 0:
+            watch.refuse(f"{_op(func)}: a tensor made from Python or host data",
+                         "make it once outside the stage step (a registered buffer)")
+        elif kind == _COPY:
             watch.check_copy(func, args[0], args[1], self.made)
-        elif packet is _aten._to_copy:
+        elif kind == _TO_COPY:
             dev = kwargs.get("device")
             if dev is not None and torch.device(dev) != args[0].device:
                 watch.refuse(f"{_op(func)} from {args[0].device} to {dev} (a copy across devices)",
                              "hand tensors over between stages, outside the stage step")
-        elif packet is _aten.record_stream:
+        elif kind == _RECORD:
             watch.refuse(f"{_op(func)}: Tensor.record_stream() (a stream-ordered lifetime)", _STREAM)
-        if watch.random(func):
+        if random:
             gen = kwargs.get("generator")
             if gen is None:
                 gen = next((a for a in args if isinstance(a, torch.Generator)), None)
@@ -244,17 +285,6 @@ class _Mode(TorchDispatchMode):
                              "the default CUDA generator", "drop generator= (use the default generator)")
         if watch.cuda:
             watch.check_devices(func, args, kwargs)
-        out = func(*args, **kwargs)
-        made = self.made
-        if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
-            made.add(out.data_ptr())
-        elif isinstance(out, (tuple, list)):
-            for t in out:
-                if isinstance(t, torch.Tensor):
-                    made.add(t.data_ptr())
-                elif isinstance(t, (tuple, list)):
-                    made.update(u.data_ptr() for u in t if isinstance(u, torch.Tensor))
-        return out
 
 
 class CaptureWatch:
@@ -277,8 +307,8 @@ class CaptureWatch:
         self.modules = dict(modules or {})
         self.optimizer = optimizer
         self.statics = statics
-        self._random: dict = {}
         self._snapshot: dict | None = None
+        self._fast: list = []
         self._owned: set[int] = set()
 
     # ------------------------------------------------------------ messages
@@ -291,12 +321,6 @@ class CaptureWatch:
         raise CaptureUnsafeError(f"{self.where()} is not capture-safe: {what}; {todo}, {_FALLBACK}")
 
     # ------------------------------------------------------------ op checks
-
-    def random(self, func) -> bool:
-        r = self._random.get(func)
-        if r is None:
-            r = self._random[func] = torch.Tag.nondeterministic_seeded in func.tags
-        return r
 
     def check_copy(self, func, dst: torch.Tensor, src, made: set[int]) -> None:
         if not isinstance(src, torch.Tensor):
@@ -347,15 +371,33 @@ class CaptureWatch:
     def _key(t: torch.Tensor):
         return t.data_ptr(), tuple(t.shape), t.dtype
 
+    def _keys(self) -> list:
+        """The storage keys of :meth:`tensors`, in its order, without building names (per replay)."""
+        ts = []
+        for module in self.modules.values():
+            ts += module.parameters()
+            ts += module.buffers()
+        if self.optimizer is not None:
+            state = self.optimizer.state
+            for g in self.optimizer.param_groups:
+                for p in g["params"]:
+                    st = state.get(p)
+                    if st:
+                        ts += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        statics = self.statics() if callable(self.statics) else (self.statics or {})
+        ts += [t for t in statics.values() if t is not None]
+        return [(t.data_ptr(), t.shape, t.dtype) for t in ts]
+
     def snapshot(self) -> None:
         """Record every watched tensor's storage (call at capture)."""
         ts = self.tensors()
         self._snapshot = {n: self._key(t) for n, t in ts.items()}
+        self._fast = self._keys()
         self._owned = {t.untyped_storage().data_ptr() for t in ts.values()}
 
     def verify(self, when: str) -> None:
         """Refuse when a watched tensor's storage changed since :meth:`snapshot`."""
-        if self._snapshot is None:
+        if self._snapshot is None or self._keys() == self._fast:
             return
         now = {n: self._key(t) for n, t in self.tensors().items()}
         if now == self._snapshot:
