@@ -9,14 +9,16 @@
 
 All follow :class:`Schedule` (``base.py``): ``feed``, ``flush``, ``read_metrics``, ``on_lr_change``,
 ``reset``, ``state_dict``. They get stage steps (:mod:`dgl_fast.stage`), buffers and streams,
-never the trainer. ``graphs.py`` holds the capturable SGD step and the one capture routine.
+never the trainer. ``graphs.py`` holds the capturable SGD step and the one capture routine; ``capture_safety.py`` the
+watch that emulated graphs run under.
 """
 
 from .asynchronous import SCHEDULES, AsyncSchedule
 from .base import Schedule, StageMetrics, StepOutput, stack_output
-from .graphs import EmulatedGraph, GraphSGD, capture
+from .graphs import CaptureUnsafeError, CaptureWatch, EmulatedGraph, GraphSGD, capture
 from .pipelined import PipelinedSchedule
 from .sequential import SequentialSchedule
 
 __all__ = ["Schedule", "StepOutput", "StageMetrics", "stack_output", "SequentialSchedule", "PipelinedSchedule",
-           "AsyncSchedule", "SCHEDULES", "GraphSGD", "EmulatedGraph", "capture"]
+           "AsyncSchedule", "SCHEDULES", "GraphSGD", "EmulatedGraph", "capture",
+           "CaptureWatch", "CaptureUnsafeError"]

@@ -25,7 +25,7 @@ import torch
 
 from ..buffer import ReplayBuffer
 from .base import Schedule, StageMetrics, StepOutput, stack_output
-from .graphs import GraphSGD, capture
+from .graphs import CaptureWatch, GraphSGD, capture
 
 __all__ = ["AsyncSchedule", "SCHEDULES"]
 
@@ -92,8 +92,14 @@ class _AsyncGraphs:
         opt = self.steps[j].optimizer
         self.opts[j] = GraphSGD(opt)
         opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+        watch = None
+        if self.emulate:
+            step = self.steps[j]
+            watch = CaptureWatch(j, dev, {"stage": step.stage, "head": step.head}, opt,
+                                 lambda: {"input": st.x, "labels": st.y, "output": st.h, "loss": st.loss,
+                                          "correct": st.correct})
         st.graph = capture(self._body, j, st, device=dev, stream=self.streams[j] if self.streams is not None else None,
-                           emulate=self.emulate)
+                           emulate=self.emulate, watch=watch)
         opt.zero_grad(set_to_none=True)  # .grad must not point into the graph's memory
         self.stages[j] = st
 

@@ -1,13 +1,17 @@
 """CUDA graphs of stage steps: torch's SGD step in capturable form, and the one capture routine
 both graph paths (pipelined and asynchronous) use. With ``emulate=True`` the "graph" keeps the
 captured function and its static tensors and replays by calling it: the graph paths' data flow
-runs on any device (CI tests it on the CPU)."""
+runs on any device (CI tests it on the CPU), under the capture-safety watch
+(:mod:`dgl_fast.schedules.capture_safety`): what a real capture would refuse or record wrongly is
+refused with a :class:`~dgl_fast.schedules.capture_safety.CaptureUnsafeError`."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["GraphSGD", "EmulatedGraph", "capture"]
+from .capture_safety import CaptureUnsafeError, CaptureWatch
+
+__all__ = ["GraphSGD", "EmulatedGraph", "capture", "CaptureWatch", "CaptureUnsafeError"]
 
 
 class GraphSGD:
@@ -69,26 +73,39 @@ class GraphSGD:
 
 class EmulatedGraph:
     """Stands in for a captured CUDA graph: replay calls the stage-step function on the same static
-    tensors a real capture would have recorded."""
+    tensors a real capture would have recorded, under ``watch`` (a
+    :class:`~dgl_fast.schedules.capture_safety.CaptureWatch`, whose storage snapshot is taken here,
+    at capture): the storage is verified before each replay and every op of the step is checked.
+    ``pool``: the memory-pool token the real capture would have shared (kept for inspection)."""
 
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
+    def __init__(self, fn, *args, pool=None, watch: CaptureWatch | None = None):
+        self.fn, self.args, self.pool = fn, args, pool
+        self.watch = watch if watch is not None else CaptureWatch(None, torch.device("cpu"))
+        self.watch.snapshot()
 
     def replay(self) -> None:
-        with torch.enable_grad():
+        watch = self.watch
+        watch.verify("between capture and replay")
+        with torch.enable_grad(), watch.region():
             self.fn(*self.args)
 
 
-def capture(fn, *args, device: torch.device, stream=None, emulate: bool = False):
+def capture(fn, *args, device: torch.device, stream=None, emulate: bool = False, pool=None,
+            watch: CaptureWatch | None = None):
     """Capture ``fn(*args)`` into a CUDA graph on ``stream`` (a side stream ordered after the
-    current one, which waits for the capture in turn); emulated: keep the call for replay."""
+    current one, which waits for the capture in turn); emulated: keep the call for replay, under
+    ``watch`` (default: a watch of no stage on ``device``, checking the ops only).
+
+    ``pool``: a memory-pool token (``torch.cuda.graph_pool_handle()``, or any object when
+    emulated) shared with other graphs that never replay concurrently with this one; pass the
+    same ``stream`` to every capture that shares a pool (torch's advice for effective sharing)."""
     if emulate:
-        return EmulatedGraph(fn, *args)
+        return EmulatedGraph(fn, *args, pool=pool, watch=watch if watch is not None else CaptureWatch(None, device))
     g = torch.cuda.CUDAGraph()
     cur = torch.cuda.current_stream(device)
     stream = stream if stream is not None else torch.cuda.Stream(device)
     stream.wait_stream(cur)
-    with torch.cuda.device(device), torch.cuda.graph(g, stream=stream):
+    with torch.cuda.device(device), torch.cuda.graph(g, pool=pool, stream=stream):
         fn(*args)
     cur.wait_stream(stream)
     return g

@@ -31,7 +31,7 @@ import torch
 
 from ..utils import hand_off, kept_modes
 from .base import Schedule, StageMetrics, StepOutput, stack_output
-from .graphs import GraphSGD, capture
+from .graphs import CaptureWatch, GraphSGD, capture
 
 __all__ = ["PipelinedSchedule"]
 
@@ -217,15 +217,28 @@ class PipelinedSchedule(Schedule):
                 if self.receives[j]:  # stage 0 and the first stage of each group: own input buffers
                     state[j].inputs[p] = torch.empty_like(x if j == 0 else probes[j - 1], device=dev)
         for j in range(self.K):
+            dev, step = self.stage_devices[j], self.steps[j]
+            # the two parity graphs of a stage replay in turn on one stream, never at once, and
+            # neither reads memory the other allocated: they share one memory pool (captured on
+            # one stream, as torch advises for sharing); stages run concurrently: a pool each
+            if self.emulate_graphs:
+                pool, stream = object(), None
+            else:
+                pool = torch.cuda.graph_pool_handle()
+                stream = self._stream(j) if self.streams is not None else torch.cuda.Stream(dev)
             for p in range(2):
                 src = state[j].inputs[p] if self.receives[j] else state[j - 1].outputs[p]
                 if j < self.K - 1:
                     state[j].outputs[p] = torch.empty_like(probes[j])
                 for opt in optimizers:  # gradients are allocated inside the graph
                     opt.zero_grad(set_to_none=True)
+                watch = None
+                if self.emulate_graphs:
+                    watch = CaptureWatch(j, dev, {"stage": step.stage, "head": step.head}, step.optimizer,
+                                         {"input": src, "labels": state[j].labels[p], "output": state[j].outputs[p]})
                 state[j].graphs[p] = capture(self._graph_body, j, src, state[j].labels[p], state[j].outputs[p],
-                                             device=self.stage_devices[j], stream=self._stream(j),
-                                             emulate=self.emulate_graphs)
+                                             device=dev, stream=stream, emulate=self.emulate_graphs, pool=pool,
+                                             watch=watch)
         for opt in optimizers:  # .grad must not point into a graph's memory for an eager step
             opt.zero_grad(set_to_none=True)
         self.graph_state = state
