@@ -5,9 +5,10 @@ from ._native import build_config
 from .buffer import ReplayBuffer, Sample
 from .heads import HEAD_KINDS, AuxHead
 from .model import DecoupledModel
+from .schedules.capture_safety import CaptureUnsafeError
 from .trainer import StepOutput, Trainer
 from .utils import cpu_features
 
 __version__ = "0.1.0"
-__all__ = ["AuxHead", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer", "build_config",
-           "cpu_features", "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]
+__all__ = ["AuxHead", "CaptureUnsafeError", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer",
+           "build_config", "cpu_features", "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]

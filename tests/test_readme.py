@@ -144,7 +144,7 @@ def _cli_flags(section: str) -> set[str]:
 def test_documented_cli_options_exist():
     flags = _cli_flags("## Command line")
     helps = ""
-    for cmd in (["train", "--help"], ["bench", "--help"]):
+    for cmd in (["train", "--help"], ["bench", "--help"], ["check", "--help"]):
         r = subprocess.run([sys.executable, "-m", "dgl_fast", *cmd], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         helps += r.stdout
