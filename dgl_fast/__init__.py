@@ -1,7 +1,8 @@
 """dgl_fast: fast Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020) for PyTorch."""
 
-from . import balance, distributed, memory, models, ops, reference
+from . import balancing, distributed, memory, models, ops, reference
 from ._native import build_config
+from .balancing import balance
 from .buffer import ReplayBuffer, Sample
 from .heads import HEAD_KINDS, AuxHead
 from .model import DecoupledModel
@@ -11,4 +12,5 @@ from .utils import cpu_features
 
 __version__ = "0.1.0"
 __all__ = ["AuxHead", "CaptureUnsafeError", "DecoupledModel", "HEAD_KINDS", "ReplayBuffer", "Sample", "StepOutput", "Trainer",
-           "build_config", "cpu_features", "balance", "distributed", "memory", "models", "ops", "reference", "__version__"]
+           "build_config", "cpu_features", "balance", "balancing", "distributed", "memory", "models", "ops", "reference",
+           "__version__"]

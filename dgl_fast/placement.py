@@ -1,6 +1,6 @@
 """Stages on several devices in one process: the trainer's ``devices=`` and ``placement=``.
 
-:func:`plan` checks the options and picks the placement (given, or :func:`dgl_fast.balance.balance`
+:func:`plan` checks the options and picks the placement (given, or :func:`dgl_fast.balancing.balance`
 on a sample batch); :func:`place` moves each stage and its head to its device; :class:`PlacedModel`
 is the model seen through its placement (inference and shape probes hand the activations from
 device to device), which evaluation and the batch checks use.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .balance import Balance, balance
+from .balancing import Balance, balance
 from .model import DecoupledModel
 from .utils import hand_off, kept_modes, resolve_device
 
@@ -24,7 +24,7 @@ __all__ = ["Plan", "plan", "check_placement", "place", "PlacedModel"]
 @dataclass
 class Plan:
     """Where the stages run: ``devices`` (one per group), ``placement`` (group of each stage),
-    ``stage_devices`` (device of each stage) and the :class:`~dgl_fast.balance.Balance` that chose
+    ``stage_devices`` (device of each stage) and the :class:`~dgl_fast.balancing.Balance` that chose
     the placement (None when it was given, or with one group)."""
 
     devices: list[torch.device]
@@ -55,7 +55,7 @@ def check_placement(placement, K: int, groups: int) -> list[int]:
 
 def plan(model: DecoupledModel, device, devices, placement, *, optimizer=None, balance_batch: int = 32) -> Plan:
     """Check ``device`` / ``devices`` / ``placement`` (ValueErrors name what was expected and
-    given) and choose the placement: the given one, or :func:`~dgl_fast.balance.balance` over the
+    given) and choose the placement: the given one, or :func:`~dgl_fast.balancing.balance` over the
     groups, timed on ``devices[0]`` with a random batch of ``balance_batch`` inputs of the model's
     ``input_shape``."""
     K = model.num_stages

@@ -46,11 +46,11 @@ class Trainer:
             on the sequential engine; ``async`` on one distinct device only. Inputs, metrics and
             :class:`StepOutput` live on ``devices[0]`` (``trainer.device``).
         placement: the group (index into ``devices``) of each stage, non-decreasing from 0 to
-            ``len(devices) - 1`` without gaps. Default: :func:`dgl_fast.balance.balance` times the
+            ``len(devices) - 1`` without gaps. Default: :func:`dgl_fast.balancing.balance` times the
             stage steps on a random batch of ``balance_batch`` inputs of the model's
             ``input_shape`` (on ``devices[0]``) and picks the grouping with the fastest slowest
             group. Attributes: ``placement``, ``stage_devices``, ``devices``, ``balance_report``
-            (the :class:`~dgl_fast.balance.Balance`, or None) and ``predicted_throughput``
+            (the :class:`~dgl_fast.balancing.Balance`, or None) and ``predicted_throughput``
             (samples/s its timings predict; None when the placement was given).
         lr_schedule: optional ``epoch -> factor``; each epoch's learning rate is the optimizer's
             initial one times the factor (epochs count per stage in sequential and async modes).

@@ -68,7 +68,7 @@ def _receivers() -> dict:
 
 
 # calls of other libraries, or of formulas the README writes as math
-_FOREIGN = ("F.", "torch.", "mlxtend.", "print(", "relu(", "nn.")
+_FOREIGN = ("F.", "torch.", "mlxtend.", "print(", "relu(", "nn.", "bool(")
 
 
 def _documented_calls() -> list[str]:

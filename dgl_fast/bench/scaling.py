@@ -2,7 +2,7 @@
 stage times where they do not, against end-to-end backprop with data parallelism.
 
 1. **Stage profile** (``--device``): each stage step's time and hand-off size
-   (:func:`dgl_fast.balance.balance`), the measured single-device throughput of DGL and of
+   (:func:`dgl_fast.balancing.balance`), the measured single-device throughput of DGL and of
    backprop, and for k = 1..K stage groups the throughput they predict: the batch over the
    slowest group (compute bound) and over the largest hand-off at each ``--link-gbs`` link
    bandwidth (link bound), next to backprop + DDP on k devices (each device a full batch; the
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dgl_fast
-from dgl_fast.balance import balance, group_times, partition
+from dgl_fast.balancing import balance, group_times, partition
 
 from .common import command_line, env_header, md_header, md_table, parser, publish
 

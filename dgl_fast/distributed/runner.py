@@ -78,7 +78,7 @@ class DistributedDGL:
             checked); it needs ``input_shape``. Each rank keeps and trains only its stages.
         optimizer: factory ``params -> Optimizer``, as for :class:`~dgl_fast.Trainer`.
         placement: stage group of each stage (non-decreasing from 0, no gaps), ``"balance"``
-            (default: :func:`dgl_fast.balance.balance` on rank 0 with a ``balance_batch``-sized
+            (default: :func:`dgl_fast.balancing.balance` on rank 0 with a ``balance_batch``-sized
             random batch; the predicted throughput is kept in :attr:`balance`) or ``"even"``.
         replicas: replica rows R; the world size must be R x the number of stage groups.
         device: this rank's device (``"cuda:N"`` with NCCL, ``"cpu"`` with gloo).
@@ -180,7 +180,7 @@ class DistributedDGL:
                 return [0] * K
             if K < groups:
                 raise ValueError(f"cannot place {K} stages on {groups} stage groups: every group needs a stage")
-            from ..balance import balance  # noqa: PLC0415
+            from ..balancing import balance  # noqa: PLC0415
 
             result = [None]
             if dist.get_rank() == 0:

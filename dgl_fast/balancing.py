@@ -111,9 +111,16 @@ def partition(times, parts: int) -> list[int]:
 
 
 def _sample(model: DecoupledModel, sample_batch, device: torch.device):
-    x, y = sample_batch if isinstance(sample_batch, (tuple, list)) else (sample_batch, None)
+    x, y = sample_batch if isinstance(sample_batch, (tuple, list)) and len(sample_batch) == 2 else (sample_batch, None)
     if not isinstance(x, torch.Tensor) or (y is not None and not isinstance(y, torch.Tensor)):
-        raise TypeError(f"sample_batch must be a tensor x or a pair (x, y) of tensors, got {type(sample_batch).__name__}")
+        got = (f"({type(x).__name__}, {type(y).__name__})" if isinstance(sample_batch, (tuple, list)) and y is not None
+               else type(sample_batch).__name__)
+        raise TypeError(f"sample_batch must be a tensor x or a pair (x, y) of torch tensors, got {got}"
+                        " (convert numpy arrays with torch.from_numpy)")
+    for name, t in (("x", x), ("y", y)):
+        if t is not None and t.device.type == "meta":
+            raise ValueError(f"sample_batch's {name} is a meta tensor (no data): balance times real steps and needs "
+                             "a batch with data on the device to time")
     shape = model.input_shape
     if shape is not None and tuple(x.shape[1:]) != shape:
         raise ValueError(f"sample batch of shape {list(x.shape)} does not match the model's input_shape: expected "
@@ -135,7 +142,7 @@ def _sync(device: torch.device) -> None:
 
 
 def balance(model: DecoupledModel, sample_batch, parts: int, *, optimizer=None, device=None, repeats: int = 5,
-            warmup: int = 2) -> Balance:
+            warmup: int = 2, clock=time.perf_counter) -> Balance:
     """Time each stage step of ``model`` on ``sample_batch`` and split the stages into ``parts``
     contiguous groups with the smallest slowest group (:func:`partition`).
 
@@ -149,7 +156,12 @@ def balance(model: DecoupledModel, sample_batch, parts: int, *, optimizer=None, 
             trainer's SGD).
         device: where to time (default: the model's device).
         repeats: timed passes; each stage's time is the median. ``warmup`` untimed passes first.
+        clock: the time source, a callable returning seconds (default ``time.perf_counter``),
+            read before and after each stage step (after a device sync on CUDA); tests pass a
+            fake clock to check the logic without depending on the machine's speed.
     """
+    if not callable(clock):
+        raise TypeError(f"clock must be a callable returning seconds, got {type(clock).__name__}")
     if not isinstance(model, DecoupledModel):
         raise TypeError(f"balance expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
     K = model.num_stages
@@ -170,11 +182,11 @@ def balance(model: DecoupledModel, sample_batch, parts: int, *, optimizer=None, 
             h = x
             for j, step in enumerate(steps):
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 h, _, _ = step.step(h, y)
                 _sync(device)
                 if r >= warmup:
-                    samples[j].append(time.perf_counter() - start)
+                    samples[j].append(float(clock()) - start)
                 handoff[j] = h.numel() * h.element_size()
     times = [statistics.median(s) for s in samples]
     placement = partition(times, parts)
