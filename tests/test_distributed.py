@@ -91,7 +91,7 @@ def test_pipeline_equals_sequential(tmp_path, world, K, placement):
     _spawn(_sync_worker, world, str(tmp_path), K, placement)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     seq = dgl_fast.Trainer(copy.deepcopy(small_model(K, seed=3, aux="mlp-sr", fused=True)), optimizer=sgd,
-                           engine="sequential")
+                           engine="sequential", channels_last=False)
     with one_thread():
         recs = seq.fit(_data(), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
         acc = seq.evaluate(_data())
@@ -125,7 +125,7 @@ def _grid_worker(rank, world, out, replicas):
 def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
     _spawn(_grid_worker, 4, str(tmp_path), 2)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
-    ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential")
+    ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential", channels_last=False)
     with one_thread():
         ref.fit(_data(B=10, dtype=torch.float64), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
     got = _nobn_model(4)

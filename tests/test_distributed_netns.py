@@ -82,7 +82,7 @@ def test_two_hosts_equal_one_process(hosts, tmp_path):
         assert rc == 0, err[-3000:]
     from helpers import batches
 
-    ref = dgl_fast.Trainer(small_model(4, seed=3), optimizer=sgd, engine="sequential")
+    ref = dgl_fast.Trainer(small_model(4, seed=3), optimizer=sgd, engine="sequential", channels_last=False)
     with one_thread():
         ref.fit(batches(4, seed=2), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
     got = torch.load(tmp_path / "state.pt")

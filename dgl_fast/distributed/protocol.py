@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Layout", "Link", "PeerError", "Receiver", "DATA", "END", "describe_failure", "stage_range"]
+__all__ = ["Layout", "Link", "make_link_groups", "PeerError", "Receiver", "DATA", "END", "describe_failure", "stage_range"]
 
 MAGIC = 0x44474C46  # "DGLF"
 DATA, END = 1, 2
@@ -99,6 +99,21 @@ def _encode(kind: int, seq: int, total: int, t: torch.Tensor | None) -> torch.Te
         header[5] = t.dim()
         header[6:6 + t.dim()] = torch.tensor(t.shape)
     return header
+
+
+def make_link_groups(layout: Layout, timeout: float) -> dict:
+    """One process group per forward link ``(r, g) -> (r, g + 1)``, keyed by ``(sender, receiver)``
+    rank, made in the same order on every rank (every rank must call this): a rank's sends (main
+    thread) and its receives (async mode: the receiver's thread) then never share a communicator,
+    which NCCL does not promise is safe across threads. The groups' own timeout is a backstop
+    (1.5 x ``timeout`` + 30 s); every exchange waits at most ``timeout`` (:class:`Link`)."""
+    backstop = datetime.timedelta(seconds=1.5 * float(timeout) + 30)
+    groups = {}
+    for r in range(layout.replicas):
+        for g in range(layout.groups - 1):
+            a, b = layout.rank(r, g), layout.rank(r, g + 1)
+            groups[a, b] = dist.new_group([a, b], timeout=backstop)
+    return groups
 
 
 class Link:

@@ -19,9 +19,8 @@ Launch one process per rank (``torchrun --nnodes N --nproc-per-node G``)::
     ddgl.fit(loader if ddgl.feeds else None, epochs=50, lr_schedule=..., checkpoint_dir="ckpt")
     acc = ddgl.evaluate(test_loader if ddgl.feeds else None)    # per-stage accuracy, every rank
 
-At start-up every rank checks that all were launched alike (:mod:`.agreement`); every exchange
-waits at most ``timeout`` seconds and a stalled or dead peer raises a one-line
-:class:`~dgl_fast.distributed.protocol.PeerError` (:mod:`.protocol`).
+At start-up every rank checks that all were launched alike (:mod:`.agreement`); every exchange waits
+at most ``timeout`` seconds and a stalled or dead peer raises a one-line :class:`.protocol.PeerError`.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from ..model import DecoupledModel
 from ..trainer import Trainer
 from . import files
 from .agreement import agree, model_fingerprint
-from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure
+from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
 from .replicas import GradientAverager
 
 __all__ = ["DistributedDGL", "even_placement"]
@@ -136,8 +135,7 @@ class DistributedDGL:
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
         local = DecoupledModel([model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages],
                                input_shape=in_shape)
-        # NCHW unless asked: the links send contiguous (NCHW) activations
-        trainer_kwargs.setdefault("channels_last", False)
+        trainer_kwargs.setdefault("channels_last", False)  # the links send contiguous (NCHW) activations
         self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
                                **trainer_kwargs)
         self.device = self.trainer.device
@@ -146,22 +144,11 @@ class DistributedDGL:
         agree({f"optimizer of stage {j + 1}": _optimizer_fields(mine[j]) if j in mine else None
                for j in range(len(placement))} | {"trainer options": sorted((k, repr(v)) for k, v in trainer_kwargs.items())},
               "optimizer", group=self._ctl)
-        # One process group per forward link (r, g) -> (r, g + 1), made in the same order on every
-        # rank: a rank's sends (main thread) and its receives (async mode: the receiver's thread)
-        # never share a communicator, which NCCL does not promise is safe across threads. Their
-        # own timeout is a backstop; every exchange waits at most `timeout` (Link).
-        backstop = datetime.timedelta(seconds=1.5 * float(timeout) + 30)
-        link_groups = {}
-        for r in range(replicas):
-            for g in range(groups - 1):
-                a, b = self.layout.rank(r, g), self.layout.rank(r, g + 1)
-                link_groups[a, b] = dist.new_group([a, b], timeout=backstop)
-        self.inbound = None if self.feeds else Link(self.layout, self.rank, self.rank - 1, self.device, timeout,
-                                                    expect=(in_shape, dtype),
-                                                    group=link_groups[self.rank - 1, self.rank])
-        self.outbound = None if self.group == groups - 1 else Link(self.layout, self.rank, self.rank + 1, self.device,
-                                                                   timeout, max_in_flight=max_in_flight,
-                                                                   group=link_groups[self.rank, self.rank + 1])
+        pg, me = make_link_groups(self.layout, timeout), self.rank  # each direction of a rank: its own group
+        self.inbound = None if self.feeds else Link(self.layout, me, me - 1, self.device, timeout,
+                                                    expect=(in_shape, dtype), group=pg[me - 1, me])
+        self.outbound = None if self.group == groups - 1 else Link(self.layout, me, me + 1, self.device, timeout,
+                                                                   max_in_flight=max_in_flight, group=pg[me, me + 1])
         self.averager = None
         if replicas > 1:
             pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
