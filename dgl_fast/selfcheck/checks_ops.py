@@ -19,8 +19,9 @@ __all__ = ["environment", "check_env", "check_softmax_xent", "check_aux_pool", "
 
 def environment(device: torch.device) -> dict:
     """Build and runtime facts: what the report's header holds."""
-    from .. import __version__  # noqa: PLC0415
-    from .._native import build_config  # noqa: PLC0415
+    import dgl_fast  # noqa: PLC0415
+
+    __version__, build_config = dgl_fast.__version__, dgl_fast.build_config
 
     env = {"dgl_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "torch_cuda": torch.version.cuda, "device": str(device), "build": build_config(),
