@@ -43,4 +43,5 @@ def build_config() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "debug": recorded.get("debug", False),
+        "cxx_standard": recorded.get("cxx_standard"),
     }

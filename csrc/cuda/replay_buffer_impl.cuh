@@ -25,8 +25,14 @@ inline int copy_blocks(int64_t n_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, kMaxBlocks)));
 }
 
+// A type as a value (C++20's std::type_identity; csrc/ is C++17 code, see setup.py).
+template <typename T>
+struct type_tag {
+  using type = T;
+};
+
 // Calls launch_copy(src_word, dst_word, words) with the element types the copy of one slot of `n`
-// elements moves (type tags: std::type_identity) and their count. Same dtype: raw bits, 16 bytes
+// elements moves (type tags: type_tag) and their count. Same dtype: raw bits, 16 bytes
 // a thread when sizes and addresses allow, else the element's own width; otherwise src and dst
 // types converted through float (fp32 <-> bf16 / fp16 storage).
 template <typename F>
@@ -36,17 +42,17 @@ void dispatch_slot_copy(const at::Tensor& src, const at::Tensor& dst, int64_t n,
     const auto s = reinterpret_cast<uintptr_t>(src.const_data_ptr());
     const auto d = reinterpret_cast<uintptr_t>(dst.const_data_ptr());
     auto bits = [&](auto word, int64_t words) { launch_copy(word, word, words); };
-    if (bytes % 16 == 0 && s % 16 == 0 && d % 16 == 0) bits(std::type_identity<uint4>{}, bytes / 16);
-    else if (src.element_size() == 8) bits(std::type_identity<uint64_t>{}, n);
-    else if (src.element_size() == 4) bits(std::type_identity<uint32_t>{}, n);
-    else if (src.element_size() == 2) bits(std::type_identity<uint16_t>{}, n);
-    else bits(std::type_identity<uint8_t>{}, n);  // 1-byte types (float8 storage)
+    if (bytes % 16 == 0 && s % 16 == 0 && d % 16 == 0) bits(type_tag<uint4>{}, bytes / 16);
+    else if (src.element_size() == 8) bits(type_tag<uint64_t>{}, n);
+    else if (src.element_size() == 4) bits(type_tag<uint32_t>{}, n);
+    else if (src.element_size() == 2) bits(type_tag<uint16_t>{}, n);
+    else bits(type_tag<uint8_t>{}, n);  // 1-byte types (float8 storage)
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "replay_copy_src", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "replay_copy_dst", [&] {
-      launch_copy(std::type_identity<src_t>{}, std::type_identity<scalar_t>{}, n);
+      launch_copy(type_tag<src_t>{}, type_tag<scalar_t>{}, n);
     });
   });
 }
