@@ -6,7 +6,6 @@ import copy
 import datetime
 import os
 import socket
-import time
 
 import pytest
 import torch
@@ -140,68 +139,75 @@ def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
 
 # ---------------------------------------------------------------------- asynchronous DGL across ranks
 
-def _async_worker(rank, world, out):
+_HOLD_S = 20  # a bound on each wait below, only reached when the schedule is broken (the link timeout is 30 s)
+
+
+def _async_worker(rank, world, out, events):
+    """Epoch 1 with the last stage held: rank 2 waits inside its first step until ranks 0 and 1
+    have finished every step of the epoch (sent END and had it delivered). Only what lets each
+    rank start is ordered: a rank sends its second message of the epoch once the next rank is
+    inside its first step, so that no rank's first take holds the whole epoch. Epoch 2 runs free."""
     model = small_model(3, seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 1, 2], mode="async", buffer_capacity=3, timeout=30)
     # each direction of a rank has its own process group (the receiver's thread and the sends)
     assert ddgl.inbound is None or ddgl.outbound is None or ddgl.inbound.group is not ddgl.outbound.group
-    flag = lambda r: os.path.join(out, f"epoch1-done-rank{r}")
-    held = {}
-    if rank in (0, 1):  # after the epoch's END is delivered: how many steps this rank trained
-        drain, step, count = ddgl.outbound.drain, ddgl.trainer.steps[0].step, [0]
+    count = {"steps": 0, "sends": 0, "saw_done": None}
+    step = ddgl.trainer.steps[0].step
 
-        def counted_step(h, y):
-            count[0] += 1
-            return step(h, y)
+    def counted_step(h, y):
+        count["steps"] += 1
+        if ddgl.epoch == 0 and count["steps"] == 1:
+            events["started"][rank].set()
+            if rank == 2:  # held until the others are through their epoch
+                count["saw_done"] = all(events["done"][r].wait(_HOLD_S) for r in (0, 1))
+        return step(h, y)
 
-        ddgl.trainer.steps[0].step = counted_step
+    ddgl.trainer.steps[0].step = counted_step
+    if ddgl.outbound is not None:
+        send, drain = ddgl.outbound.send, ddgl.outbound.drain
 
-        def drain_and_flag():
+        def ordered_send(*args, **kwargs):
+            count["sends"] += 1
+            if ddgl.epoch == 0 and count["sends"] == 2:
+                assert events["started"][rank + 1].wait(_HOLD_S), f"rank {rank + 1} never started its first step"
+            return send(*args, **kwargs)
+
+        def drain_then_done():
             drain()
-            if not os.path.exists(flag(rank)):
-                with open(flag(rank) + ".tmp", "w") as f:
-                    f.write(str(count[0]))
-                os.replace(flag(rank) + ".tmp", flag(rank))
+            if ddgl.epoch == 0:
+                count["epoch1"] = dict(count)
+                events["done"][rank].set()
 
-        ddgl.outbound.drain = drain_and_flag
-    else:  # the last stage is held at its first step until ranks 0 and 1 finished their epoch
-        step = ddgl.trainer.steps[0].step
-
-        def held_step(h, y):
-            if not held:
-                deadline = time.monotonic() + 60  # bounds a hang only: a synchronous pipeline never gets there
-                while not all(os.path.exists(flag(r)) for r in (0, 1)) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                held["released"] = all(os.path.exists(flag(r)) for r in (0, 1))
-                held["steps of ranks 0, 1"] = [int(open(flag(r)).read()) for r in (0, 1) if os.path.exists(flag(r))]
-            return step(h, y)
-
-        ddgl.trainer.steps[0].step = held_step
-    recs = ddgl.fit(batches(12, seed=4) if ddgl.feeds else None, epochs=2)
+        ddgl.outbound.send, ddgl.outbound.drain = ordered_send, drain_then_done
+    recs = ddgl.fit(batches(12, seed=4) if ddgl.feeds else None, epochs=2,
+                    callback=lambda r: count.setdefault("epoch1", dict(count)))
     mine = ddgl.trainer.model.state_dict()
     changed = [not torch.equal(before[f"{kind}.{ddgl.stages[int(i)]}.{rest}"], v)
                for key, v in mine.items() for kind, i, rest in [key.split(".", 2)] if v.is_floating_point()]
-    steps = list(ddgl.trainer.stage_steps)
     parts = [None] * world
-    dist.all_gather_object(parts, {"changed": all(changed), "steps": steps, "held": held})
+    dist.all_gather_object(parts, {"changed": all(changed), "epoch1": count["epoch1"], "steps": count["steps"]})
     if rank == 0:
         torch.save({"parts": parts, "records": recs}, os.path.join(out, "result.pt"))
 
 
-def test_async_makes_progress_on_every_rank(tmp_path):
-    _spawn(_async_worker, 3, str(tmp_path))
+def test_async_ranks_finish_their_epoch_while_the_last_stage_is_held(tmp_path):
+    ctx = mp.get_context("spawn")
+    events = {"started": [ctx.Event() for _ in range(3)], "done": [ctx.Event() for _ in range(3)]}
+    _spawn(_async_worker, 3, str(tmp_path), events)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
+    first, second, last = (part["epoch1"] for part in result["parts"])
+    # nobody waits for the held stage 3: inside its first step, it saw ranks 0 and 1 through epoch 1
+    assert last["saw_done"] is True, result["parts"]
+    assert first["steps"] == 12 and first["sends"] == 12 + 1, first  # every batch, then END
+    assert second["steps"] >= 1 and second["sends"] == second["steps"] + 1, second  # one message per step
+    assert last["steps"] >= 1, last
+    # the record counts what each rank trained on (6 samples a step)
+    assert result["records"][0]["stage_samples"] == [72, 6 * second["steps"], 6 * last["steps"]], result["records"][0]
     for part in result["parts"]:
         assert part["changed"], part
-    last = result["records"][-1]
-    assert all(n > 0 for n in last["stage_samples"]), last
-    assert all(0 <= a <= 1 for a in last["train_acc"])
-    # nobody waits for the last stage: while it was held before its first step, rank 0 trained
-    # all 12 batches of epoch 1 and rank 1 trained on what it received, both up to the epoch's end
-    held = result["parts"][2]["held"]
-    assert held["released"], held
-    assert held["steps of ranks 0, 1"][0] == 12 and held["steps of ranks 0, 1"][1] >= 1, held
+        assert part["steps"] >= part["epoch1"]["steps"]  # epoch 2 ran free (rank 1 and 2 may take no step in it)
+    assert all(0 <= a <= 1 for r in result["records"] for a in r["train_acc"] if a is not None)
 
 
 # ---------------------------------------------------------------------- checkpoints
