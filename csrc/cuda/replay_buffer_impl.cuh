@@ -25,6 +25,15 @@ inline int copy_blocks(int64_t n_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, kMaxBlocks)));
 }
 
+// Blocks of a sample of n_items words: copy_blocks, at most kSampleBlocksPerSM a multiprocessor
+// (grid-stride beyond). Every block's thread 0 runs the slot selection over the ring's state and
+// takes a ticket, so a 16 MB slot's 4,096 copy blocks would repeat that serial work 4,096 times
+// where 4 resident blocks a multiprocessor already saturate the copy.
+constexpr int kSampleBlocksPerSM = 4;
+inline int sample_blocks(int64_t n_items, int multiprocessors) {
+  return std::min(copy_blocks(n_items), kSampleBlocksPerSM * std::max(multiprocessors, 1));
+}
+
 // A type as a value (C++20's std::type_identity; csrc/ is C++17 code, see setup.py).
 template <typename T>
 struct type_tag {
@@ -98,7 +107,7 @@ void replay_sample_impl(at::Tensor& state, at::Tensor& uses, const at::Tensor& s
   dispatch_slot_copy(storage, out, out.numel(), [&](auto src_word, auto dst_word, int64_t words) {
     using src_t = typename decltype(src_word)::type;
     using dst_t = typename decltype(dst_word)::type;
-    launch(sample_kernel<src_t, dst_t>, dim3(copy_blocks(words)), dim3(kThreads),
+    launch(sample_kernel<src_t, dst_t>, dim3(sample_blocks(words, launch.multiprocessors())), dim3(kThreads),
            static_cast<const src_t*>(storage.const_data_ptr()), static_cast<dst_t*>(out.mutable_data_ptr()), words,
            lab, args);
   });
