@@ -190,13 +190,15 @@ def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path, capsys):
     assert not (out / "summary.json").exists()
 
 
-def test_divergence_on_resume_leaves_the_checkpoint_untouched(trained, tmp_path, capsys):
+def test_divergence_on_resume_leaves_the_checkpoint_untouched(tmp_path, capsys):
+    # a learning-rate plan that diverges in its second epoch (a resume keeps the plan it was trained with)
+    plan = ["--lr-step", "1", "--lr-decay", "1e7"]
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    assert cli.main(TINY + plan + ["--out", str(out)]) == 0
+    capsys.readouterr()
     ck = out / "checkpoint.pt"
     before, metrics = ck.read_bytes(), (out / "metrics.jsonl").read_text()
-    code, err = _run(TINY + ["--epochs", "2", "--lr-step", "1", "--lr-decay", "1e7", "--resume", str(ck),
-                             "--out", str(out)], capsys)
+    code, err = _run(TINY + plan + ["--epochs", "2", "--resume", str(ck), "--out", str(out)], capsys)
     assert code == 3, err
     assert err[-1].startswith("error: training diverged: stage ") and "(epoch 2)" in err[-1]
     assert f"the last checkpoint, {ck} (step 23), was written before it and is left untouched" in err[-1]
