@@ -164,6 +164,10 @@ def balance(model: DecoupledModel, sample_batch, parts: int, *, optimizer=None, 
         raise TypeError(f"clock must be a callable returning seconds, got {type(clock).__name__}")
     if not isinstance(model, DecoupledModel):
         raise TypeError(f"balance expects a dgl_fast.DecoupledModel, got {type(model).__name__}")
+    meta = next((n for n, t in model.state_dict().items() if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"balance times real stage steps, but the model's {meta!r} is a meta tensor (no data): "
+                         "build or load the model on a real device first")
     K = model.num_stages
     _check_parts(parts, K)
     for name, v, lo in (("repeats", repeats, 1), ("warmup", warmup, 0)):

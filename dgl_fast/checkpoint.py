@@ -58,15 +58,25 @@ def _remove_stale_temporaries(directory: str, name: str) -> None:
 
 
 def save(obj, path: str | os.PathLike) -> None:
-    """Write ``obj`` (a state dict) to ``path`` with a checksum, atomically and durably."""
+    """Write ``obj`` (a state dict) to ``path`` with a checksum, atomically and durably. An empty
+    path is refused (ValueError) and an OSError names ``path``, not the temporary file."""
     path = os.fspath(path)
+    if not path:
+        raise ValueError("cannot save a checkpoint to an empty path: expected a file path")
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    os.makedirs(directory, exist_ok=True)
-    _remove_stale_temporaries(directory, name)
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getbuffer()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _remove_stale_temporaries(directory, name)
+        _write(path, directory, name, payload)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write the checkpoint {path}: {exc.strerror or exc}") from exc
+
+
+def _write(path: str, directory: str, name: str, payload) -> None:
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
     try:

@@ -16,11 +16,13 @@ from .cli_checks import (
     ASYNC_DEFAULTS,
     check_args,
     check_resumed_optimizer,
+    check_resumed_options,
     input_size,
     nonnegative_float,
     parse_slowdown,
     positive_float,
     positive_int,
+    run_options,
     seed_int,
 )
 from .data import DATASETS
@@ -210,20 +212,8 @@ def _train(args) -> int:
         given += [f"--{'' if args.channels_last else 'no-'}channels-last"] if args.channels_last is not None else []
         raise ValueError(f"{exc} (options {' '.join(given)})") from exc
     if args.resume:
-        try:
-            trainer.load(args.resume)
-        except OSError as exc:
-            raise ValueError(f"argument --resume: cannot read {args.resume} ({exc.strerror or exc})") from exc
-        except ValueError as exc:
-            from .checkpoint import CheckpointError  # noqa: PLC0415
-
-            if isinstance(exc, CheckpointError):
-                raise ValueError(f"argument --resume: {exc}") from exc
-            raise ValueError(f"argument --resume: {args.resume} does not fit this run's options (--model, --aux, "
-                             f"--depth, --width, --hidden, --stages/--block-size, --mode, --data): {exc}") from exc
-        check_resumed_optimizer(args, trainer)
-        if trainer.last_checkpoint is None:  # the last good checkpoint, named if the run diverges
-            trainer.last_checkpoint = (os.fspath(args.resume), trainer.global_step)
+        _resume(args, trainer)
+    trainer.run_options = run_options(args)
 
     out = args.out
     if out:
@@ -276,6 +266,26 @@ def _train(args) -> int:
     print(f"held-out accuracy ({spec.name}, {len(spec.test.y) if hasattr(spec.test, 'y') else '?'} images): "
           f"{100 * final[-1]:.2f}%  (per stage: {' '.join(f'{100 * a:.2f}' for a in final)})")
     return 0
+
+
+def _resume(args, trainer) -> None:
+    from .checkpoint import CheckpointError, load  # noqa: PLC0415
+
+    try:
+        state = load(args.resume)
+    except OSError as exc:
+        raise ValueError(f"argument --resume: cannot read {args.resume} ({exc.strerror or exc})") from exc
+    except CheckpointError as exc:
+        raise ValueError(f"argument --resume: {exc}") from exc
+    check_resumed_options(args, state.get("run_options") if isinstance(state, dict) else None)  # names the flag
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"argument --resume: {args.resume} does not fit this run's options (--model, --aux, "
+                         f"--depth, --width, --hidden, --stages/--block-size, --mode, --data): {exc}") from exc
+    check_resumed_optimizer(args, trainer)
+    if trainer.last_checkpoint is None:  # the last good checkpoint, named if the run diverges
+        trainer.last_checkpoint = (os.fspath(args.resume), trainer.global_step)
 
 
 def cmd_bench(name: str, rest: list[str]) -> int:

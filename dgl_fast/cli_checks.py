@@ -16,6 +16,13 @@ from .data import FIXED_IN_SIZE
 ASYNC_DEFAULTS = {"buffer_capacity": 30, "policy": "priority_lifo", "max_reuse": None, "slowdown": [],
                   "schedule": "random", "buffer_dtype": None}
 _DEFAULT_IN_SIZE = {"synthetic": 32, "imagefolder": 224}
+# Options a resumed run must keep: each changes what it trains on or the course of training (the
+# batches, their order, the learning rate of an epoch, async mode's draws and buffers). They are
+# saved in the checkpoint (Trainer.run_options); a resume with another value is refused by name.
+# The others may change: --epochs (to continue), how it runs (--device, --engine, --amp, ...),
+# where it writes (--out) and what it shows.
+RESUME_KEPT = ("batch_size", "lr_step", "lr_decay", "seed", "data", "in_size", "buffer_capacity", "policy",
+               "max_reuse", "slowdown", "schedule", "buffer_dtype")
 
 
 def _int_at_least(low: int, high: int | None = None):
@@ -90,6 +97,9 @@ def check_args(args) -> None:
                              f"{'applies' if len(changed) == 1 else 'apply'} to --mode async only, this run uses "
                              f"--mode {args.mode}; drop {'it' if len(changed) == 1 else 'them'} or pass --mode async")
     parse_slowdown(args.slowdown)
+    if args.batch_size < 2:  # every network of dgl_fast.models has BatchNorm layers
+        raise ValueError(f"argument --batch-size: the networks' BatchNorm layers cannot train on batches of "
+                         f"{args.batch_size} sample: expected --batch-size >= 2, got {args.batch_size}")
     if args.in_size is not None and args.data in FIXED_IN_SIZE and args.in_size != FIXED_IN_SIZE[args.data]:
         size = FIXED_IN_SIZE[args.data]
         raise ValueError(f"argument --in-size: --in-size applies to --data synthetic and imagefolder only; --data "
@@ -134,8 +144,33 @@ def check_args(args) -> None:
                              f"{args.resume} does not exist")
 
 
+def run_options(args) -> dict:
+    """This run's :data:`RESUME_KEPT` options by flag, as the checkpoint keeps them."""
+    return {f"--{k.replace('_', '-')}": getattr(args, k) for k in RESUME_KEPT}
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "(none)"
+    return "(default)" if value is None else str(value)
+
+
+def check_resumed_options(args, saved) -> None:
+    """Refuse a resume whose :data:`RESUME_KEPT` options differ from those ``saved`` with the
+    checkpoint, naming the first flag that differs (a checkpoint without them is not checked)."""
+    if not isinstance(saved, dict):
+        return
+    for flag, value in run_options(args).items():
+        if flag in saved and saved[flag] != value:
+            raise ValueError(f"argument {flag}: {args.resume} was trained with {flag} {_shown(saved[flag])}, got {flag} "
+                             f"{_shown(value)}; resume with the options it was trained with (the README lists those "
+                             "that may change)")
+
+
 def check_resumed_optimizer(args, trainer) -> None:
-    """The optimizer's settings come from the checkpoint: refuse options that say otherwise."""
+    """The optimizer's settings and the :data:`RESUME_KEPT` options come from the checkpoint:
+    refuse options that say otherwise."""
+    check_resumed_options(args, trainer.run_options)
     for flag, key, given in (("--lr", "initial_lr", args.lr), ("--momentum", "momentum", args.momentum),
                              ("--weight-decay", "weight_decay", args.weight_decay)):
         saved = {g.get(key) for opt in trainer.optimizers for g in opt.param_groups}

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .cli_checks import check_resumed_optimizer
+from .cli_checks import check_resumed_optimizer, run_options
 
 _AGREED = ("model", "aux", "mode", "stages", "block_size", "depth", "width", "hidden", "epochs", "batch_size", "lr",
            "momentum", "weight_decay", "lr_step", "lr_decay", "data", "in_size", "seed", "replicas", "timeout",
@@ -32,7 +32,13 @@ def check_distributed_args(args) -> None:
         raise ValueError(f"--distributed trains --mode dgl or async without --engine or --amp, got --mode {args.mode}"
                          + (f" --engine {args.engine}" if args.engine not in ("auto", "sequential") else "")
                          + (f" --amp {args.amp}" if args.amp else ""))
+    if not 1 <= args.timeout <= 1e7:
+        raise ValueError(f"argument --timeout: expected seconds from 1 to 1e7, got {args.timeout:g}")
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size // args.replicas < 2:  # every network of dgl_fast.models has BatchNorm
+        raise ValueError(f"argument --batch-size: --batch-size {args.batch_size} split over --replicas {args.replicas} "
+                         f"leaves a replica row {args.batch_size // args.replicas} sample(s), BatchNorm needs 2 a row: "
+                         f"expected --batch-size >= {2 * args.replicas} (or fewer --replicas)")
     if world % args.replicas:
         raise ValueError(f"argument --replicas: must divide the {world} ranks (WORLD_SIZE), got {args.replicas}")
     if args.mode == "async" and args.replicas != 1:
@@ -64,19 +70,20 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         dist.init_process_group("gloo", timeout=backstop)
     try:
         rank = dist.get_rank()
-        torch.manual_seed(args.seed)  # the same initial weights on every rank (checked)
-        spec = load_data(args, device)
-        model = build_model(args, spec)
+        spec, model = _start(args, device, load_data, build_model)
 
         def optimizer(params):
             return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
-        train_y = getattr(spec.train, "y", None)
+        from .data import fingerprint  # noqa: PLC0415
+
         fields = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _AGREED}
-        fields["training data"] = (spec.name, len(spec.train), None if train_y is None else int(train_y.sum()))
+        # by content (samples, label sum, digest): ranks pointed at different data of one shape disagree
+        fields["training data"] = (spec.name, len(spec.train), fingerprint(spec.train))
+        fields["held-out data"] = (spec.name, fingerprint(spec.test))
         placement = "balance"
         if args.resume:  # the grid the checkpoint set was saved with (balancing again could choose another)
-            placement = _saved_placement(args.resume)
+            placement = _saved_placement(args)
         ddgl = DistributedDGL(model, optimizer=optimizer, placement=placement, device=device, replicas=args.replicas,
                               mode=args.mode,
                               timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
@@ -87,6 +94,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         if args.resume:
             ddgl.load(args.resume)
             check_resumed_optimizer(args, ddgl.trainer)
+        ddgl.trainer.run_options = run_options(args)
         ckpt = os.path.join(args.out, "checkpoint") if args.out else None
         start = time.perf_counter()
         records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
@@ -117,6 +125,38 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     return 0
 
 
+def _start(args, device, load_data, build_model):
+    """Every rank loads its data and builds the model, then all learn whether any failed: a rank
+    whose start-up fails (its --data-dir missing, ...) is named by every rank within --timeout,
+    and all exit 2, instead of the others waiting at the next rendezvous."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    result, error = None, None
+    try:
+        torch.manual_seed(args.seed)  # the same initial weights on every rank (checked)
+        spec = load_data(args, device)
+        result = spec, build_model(args, spec)
+    except (ValueError, FileNotFoundError) as exc:
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    errors = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(errors, error, group=group)
+    except RuntimeError as exc:
+        if error:
+            raise ValueError(error) from None
+        from .distributed.protocol import PeerError, describe_failure  # noqa: PLC0415
+
+        raise PeerError(f"rank {dist.get_rank()}: the start-up check of every rank failed: "
+                        f"{describe_failure(exc)}") from None
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, e = failed[0]
+        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise ValueError(f"rank {dist.get_rank()}: rank {r} failed its start-up{more}: {e}")
+    return result
+
+
 def _report(out: str | None):
     """Rank 0's epoch callback: one line on stderr and, with ``--out``, a line of metrics.jsonl."""
     def report(rec: dict) -> None:
@@ -129,10 +169,14 @@ def _report(out: str | None):
     return report
 
 
-def _saved_placement(directory: str) -> list[int]:
-    path = os.path.join(directory, "manifest.json")
+def _saved_placement(args) -> list[int]:
+    """The placement of the checkpoint set ``--resume`` names, after checking its grid is this launch's."""
+    from .checkpoint import CheckpointError  # noqa: PLC0415
+    from .distributed import files  # noqa: PLC0415
+
     try:
-        with open(path) as f:
-            return list(json.load(f)["placement"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"argument --resume: {path} is not a readable checkpoint manifest ({exc})") from None
+        manifest = files.read_manifest(args.resume)
+        files.check_grid(manifest, args.resume, int(os.environ.get("WORLD_SIZE", 1)), args.replicas)
+    except (OSError, CheckpointError, ValueError) as exc:
+        raise ValueError(f"argument --resume: {exc}") from None
+    return list(manifest["placement"])

@@ -12,7 +12,8 @@
   horizontal flip), done on whole batches on the training device; both splits get per-channel
   normalisation.
 - ``imagefolder``: an ImageNet-style tree (``data_dir/train/<class>/*``, ``data_dir/val/<class>/*``)
-  read with torchvision (random resized crop + flip for training, resize + centre crop for test).
+  read with torchvision (random resized crop + flip for training, resize + centre crop for test;
+  validation classes numbered by the training tree's names: :mod:`dgl_fast.folders`).
 - ``synthetic``: Gaussian noise around one random template image per class, so a network can
   learn it; for smoke tests and benchmarks.
 
@@ -36,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TensorLoader", "DataSpec", "load", "load_cifar10_arrays", "DATASETS", "FIXED_IN_SIZE", "CIFAR10_MEAN",
-           "CIFAR10_STD", "CIFAR10_MD5"]
+__all__ = ["TensorLoader", "DataSpec", "load", "fingerprint", "load_cifar10_arrays", "DATASETS", "FIXED_IN_SIZE",
+           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_MD5"]
 
 DATASETS = ("mnist5k", "digits", "cifar10", "imagefolder", "synthetic")
 # Input height/width of the datasets whose size is fixed; ``in_size`` applies to the others only.
@@ -298,23 +299,23 @@ def load_cifar10_arrays(data_dir: str, download: bool = False, *, verify: bool =
     return x_tr, y_tr, x_te, y_te
 
 
-def _imagefolder(data_dir, batch_size, in_size, workers, seed):
-    import torchvision.transforms as T  # noqa: PLC0415
-    from torchvision.datasets import ImageFolder  # noqa: PLC0415
+def fingerprint(loader) -> tuple[int, int, str] | None:
+    """``(samples, label sum, digest)`` of what ``loader`` serves, by content: a
+    :class:`TensorLoader`'s images and labels, or an image folder's relative file names, sizes and
+    labels (:func:`dgl_fast.folders.fingerprint`); None for another kind of loader."""
+    if isinstance(loader, TensorLoader):
+        h = hashlib.sha256()
+        for t in (loader.x, loader.y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy())
+        return int(loader.y.shape[0]), int(loader.y.sum()), h.hexdigest()[:16]
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        from .folders import fingerprint as folder_fingerprint  # noqa: PLC0415
 
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train_tf = T.Compose([T.RandomResizedCrop(in_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.Resize(int(round(in_size * 256 / 224))), T.CenterCrop(in_size), T.ToTensor(), norm])
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data_dir, split)):
-            raise FileNotFoundError(f"imagefolder expects {os.path.join(data_dir, split)}/<class>/<image> folders")
-    train_set = ImageFolder(os.path.join(data_dir, "train"), train_tf)
-    test_set = ImageFolder(os.path.join(data_dir, "val"), test_tf)
-    gen = torch.Generator().manual_seed(seed)
-    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                                        pin_memory=torch.cuda.is_available(), generator=gen)
-    test = torch.utils.data.DataLoader(test_set, batch_size, num_workers=workers)
-    return DataSpec(train, test, 3, in_size, len(train_set.classes), "imagefolder")
+        return folder_fingerprint(dataset)
+    return None
 
 
 def load(name: str, *, batch_size: int = 128, data_dir: str = "data", device="cpu", seed: int = 0,
@@ -353,7 +354,10 @@ def load(name: str, *, batch_size: int = 128, data_dir: str = "data", device="cp
         test = TensorLoader(torch.from_numpy(x_te), torch.from_numpy(y_te), max(batch_size, 500), **kw)
         return DataSpec(train, test, 3, 32, 10, name)
     if name == "imagefolder":
-        return _imagefolder(data_dir, batch_size, 224 if in_size is None else in_size, workers, seed)
+        from .folders import load_imagefolder  # noqa: PLC0415
+
+        train, test, classes = load_imagefolder(data_dir, batch_size, 224 if in_size is None else in_size, workers, seed)
+        return DataSpec(train, test, 3, 224 if in_size is None else in_size, classes, "imagefolder")
     # synthetic
     side = 32 if in_size is None else in_size
     gen = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import torch
 
 from .config import check_factor
 
-__all__ = ["TrainingDiverged", "fit"]
+__all__ = ["TrainingDiverged", "fit", "check_lr_plan"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +71,31 @@ def _check_finite(tr, loss_sums: list[float], samples: list[int], since: int) ->
                 stage=j + 1, steps=(since + 1, tr.global_step), last_checkpoint=last)
 
 
+def check_lr_plan(saved: list[float] | None, factors: list[float], done: int) -> None:
+    """Refuse (ValueError) a resumed run (``done`` epochs trained) whose learning-rate factors
+    differ from the ``saved`` plan at an epoch both plan."""
+    if not saved or done == 0:
+        return
+    for e, (a, b) in enumerate(zip(saved, factors)):
+        if a != b:
+            raise ValueError(f"this run was trained ({done} epochs) with a learning-rate schedule giving factor {a:g} at "
+                             f"epoch {e + 1}, this fit's lr_schedule gives {b:g} there: resume with the schedule it was "
+                             "planned with (or set lr_factors = None to re-plan on purpose)")
+
+
+def _no_batch(loader) -> str:
+    """Why ``loader`` yielded no batch, as far as it tells (samples, batch size, drop_last)."""
+    n = getattr(getattr(loader, "dataset", None), "__len__", None)
+    n = n() if n is not None else (loader.x.shape[0] if hasattr(loader, "x") else None)
+    size, drop = getattr(loader, "batch_size", None), getattr(loader, "drop_last", None)
+    if n is None or size is None or n >= size:
+        return "the training loader yielded no batch"
+    why = ("it drops a last partial batch (drop_last)" if drop else
+           "a last batch of one sample cannot train BatchNorm and is dropped" if n == 1 else "")
+    return (f"the training loader yielded no batch: its {n} samples are fewer than its batch size {size}"
+            + (f" and {why}" if why else "") + "; lower the batch size or add data")
+
+
 def _epoch(tr, loader: Iterable, total: int, log_every: int, progress: bool) -> dict:
     """Train one epoch; returns its record (without test accuracy)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -102,7 +127,7 @@ def _epoch(tr, loader: Iterable, total: int, log_every: int, progress: bool) -> 
         tr.schedule.collect = True
     bar.close()
     if seen == 0:
-        raise ValueError("the training loader yielded no batch")
+        raise ValueError(_no_batch(loader))
     tr.flush()  # the epoch's last batches leave the pipeline
     ls, hs, n = sums.read(reset=True)
     _check_finite(tr, ls, n, checked)
@@ -130,6 +155,9 @@ def fit(tr, train_loader: Iterable, epochs: int, lr_schedule: Callable[[int], fl
                              f"with epochs={plan}")
         tr.planned_epochs = epochs
     schedule = lr_schedule or tr.lr_schedule or (lambda e: 1.0)
+    factors = [check_factor(schedule(e), f"lr_schedule({e})") for e in range(epochs)]
+    check_lr_plan(tr.lr_factors, factors, tr.epoch)
+    tr.lr_factors = factors
     total = epochs * (tr.model.num_stages if tr.mode == "sequential" else 1)
     records = []
     while tr.epoch < total:

@@ -169,6 +169,12 @@ class Trainer:
         self.history: list[dict] = []
         #: sequential mode: the epochs per stage its run was planned with (fit refuses another)
         self.planned_epochs: int | None = None
+        #: the learning-rate factors of the planned epochs, recorded by :meth:`fit` and saved: a
+        #: resumed fit whose schedule gives another factor for one of them is refused
+        #: (set it to None to re-plan on purpose)
+        self.lr_factors: list[float] | None = None
+        #: options the caller keeps with the state (the CLI: its training options), saved and restored
+        self.run_options: dict = {}
         #: (path, global step) of the last checkpoint :meth:`save` wrote
         self.last_checkpoint: tuple[str, int] | None = None
         self._train_modes_for: int | None = None  # the stage set up by set_train_modes (None: redo)
@@ -318,13 +324,15 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Model, optimizers, schedule position (epoch, step, active stage, sequential plan),
-        history, RNG states and, in async mode, the replay buffers (contents and state)."""
+        learning-rate factors of the planned epochs, :attr:`run_options`, history, RNG states and,
+        in async mode, the replay buffers (contents and state)."""
         self.flush()
         return {"version": _STATE_VERSION, "mode": self.mode, "num_stages": self.model.num_stages,
                 "optimizer_types": [type(opt).__name__ for opt in self.optimizers], "model": self.model.state_dict(),
                 "optimizers": [opt.state_dict() for opt in self.optimizers], "epoch": self.epoch,
                 "global_step": self.global_step, "active_stage": self.active_stage, "fit_epochs": self.planned_epochs,
-                "history": self.history, "rng": checkpoint.rng_state(self.device), "stage_steps": list(self.stage_steps),
+                "lr_factors": self.lr_factors, "run_options": dict(self.run_options), "history": self.history,
+                "rng": checkpoint.rng_state(self.device), "stage_steps": list(self.stage_steps),
                 "schedule": self.schedule.state_dict()}
 
     def check_state(self, state) -> None:
@@ -359,6 +367,7 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.active_stage, self.history = int(state["active_stage"]), list(state["history"])
         self.planned_epochs = state["fit_epochs"]
+        self.lr_factors, self.run_options = state.get("lr_factors"), dict(state.get("run_options") or {})
         self.stage_steps[:] = state["stage_steps"]
         checkpoint.set_rng_state(state["rng"], self.device)
         self._train_modes_for = None

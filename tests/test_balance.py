@@ -196,3 +196,5 @@ def test_balance_refuses_numpy_and_meta_batches_by_name():
         balance(net, (x.numpy(), y.numpy()), 1)
     with pytest.raises(ValueError, match="x is a meta tensor"):
         balance(net, (x.to("meta"), y), 1)
+    with pytest.raises(ValueError, match="the model's 'stages.0.0.weight' is a meta tensor"):  # timed nonsense before
+        balance(small_model(2, seed=5, size=9).to("meta"), (x, y), 1)

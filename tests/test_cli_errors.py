@@ -190,13 +190,15 @@ def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path, capsys):
     assert not (out / "summary.json").exists()
 
 
-def test_divergence_on_resume_leaves_the_checkpoint_untouched(trained, tmp_path, capsys):
+def test_divergence_on_resume_leaves_the_checkpoint_untouched(tmp_path, capsys):
+    # a learning-rate plan that diverges in its second epoch (a resume keeps the plan it was trained with)
+    plan = ["--lr-step", "1", "--lr-decay", "1e7"]
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    assert cli.main(TINY + plan + ["--out", str(out)]) == 0
+    capsys.readouterr()
     ck = out / "checkpoint.pt"
     before, metrics = ck.read_bytes(), (out / "metrics.jsonl").read_text()
-    code, err = _run(TINY + ["--epochs", "2", "--lr-step", "1", "--lr-decay", "1e7", "--resume", str(ck),
-                             "--out", str(out)], capsys)
+    code, err = _run(TINY + plan + ["--epochs", "2", "--resume", str(ck), "--out", str(out)], capsys)
     assert code == 3, err
     assert err[-1].startswith("error: training diverged: stage ") and "(epoch 2)" in err[-1]
     assert f"the last checkpoint, {ck} (step 23), was written before it and is left untouched" in err[-1]
@@ -262,3 +264,47 @@ def test_cifar_files_that_are_not_the_official_release(tmp_path, capsys):
     _refused(argv, capsys, f"error: argument --data-dir: {folder / 'data_batch_1'}: its MD5 checksum",
              "does not match the official CIFAR-10 release (c99cafc152244af753f735de768cd75f)")
 
+
+
+@pytest.mark.parametrize("extra, flag, saved, given", [
+    (["--lr-step", "1"], "--lr-step", "15", "1"), (["--lr-decay", "0.5"], "--lr-decay", "0.2", "0.5"),
+    (["--batch-size", "32"], "--batch-size", "64", "32"), (["--seed", "1"], "--seed", "0", "1")])
+def test_resume_with_another_plan_names_the_flag(trained, extra, flag, saved, given, capsys):
+    # each of these trained on at another learning rate, batches or order before (exit 0)
+    ck = str(trained / "checkpoint.pt")
+    _refused(TINY + ["--epochs", "2", *extra, "--resume", ck], capsys,
+             f"error: argument {flag}: {ck} was trained with {flag} {saved}, got {flag} {given}; resume with the options")
+
+
+def test_resume_of_an_async_run_with_other_buffer_options_names_the_flag(tmp_path, capsys):
+    run = TINY + ["--mode", "async", "--buffer-capacity", "3", "--slowdown", "2:0.1"]
+    out = tmp_path / "async"
+    assert cli.main(run + ["--out", str(out)]) == 0
+    capsys.readouterr()
+    ck = str(out / "checkpoint.pt")
+    for extra, flag, saved, given in ((["--buffer-capacity", "4"], "--buffer-capacity", "3", "4"),
+                                      (["--policy", "fifo"], "--policy", "priority_lifo", "fifo"),
+                                      (["--buffer-dtype", "bfloat16"], "--buffer-dtype", "(default)", "bfloat16"),
+                                      (["--slowdown", "1:0.2"], "--slowdown", "2:0.1", "2:0.1 1:0.2")):
+        _refused(run + ["--epochs", "2", *extra, "--resume", ck], capsys,
+                 f"error: argument {flag}: {ck} was trained with {flag} {saved}, got {flag} {given};")
+
+
+def test_batch_sizes_batchnorm_cannot_train_name_the_flag(monkeypatch, capsys):
+    _refused(TINY + ["--batch-size", "1"], capsys, "error: argument --batch-size: the networks' BatchNorm layers "
+             "cannot train on batches of 1 sample: expected --batch-size >= 2, got 1")
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets it; the checks come before any process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _refused(SYNTH + ["--distributed", "--replicas", "2", "--batch-size", "3"], capsys,
+             "error: argument --batch-size: --batch-size 3 split over --replicas 2 leaves a replica row 1 sample(s), "
+             "BatchNorm needs 2 a row: expected --batch-size >= 4")
+    _refused(SYNTH + ["--distributed", "--timeout", "0.001"], capsys,
+             "error: argument --timeout: expected seconds from 1 to 1e7, got 0.001")
+
+
+def test_bench_checks_its_output_folder_first(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    code = cli.main(["bench", "step", "--out-dir", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument --out-dir: expected a folder (created when missing), got the existing file {target}" in err

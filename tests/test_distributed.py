@@ -4,6 +4,7 @@ stage groups, to float64 rounding for replicas), async progress, evaluation, exa
 import contextlib
 import copy
 import datetime
+import json
 import os
 import socket
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 import dgl_fast
 from dgl_fast.checkpoint import CheckpointError
+from dgl_fast.data import TensorLoader
 from dgl_fast.distributed import ConfigMismatch, DistributedDGL, Layout, even_placement
 from dgl_fast.fitting import TrainingDiverged
 from helpers import assert_same_state, batches, sgd, small_model
@@ -119,10 +121,27 @@ def _grid_worker(rank, world, out, replicas):
     dist.all_gather_object(parts, mine)
     if rank == 0:
         torch.save({"state": state, "parts": parts}, os.path.join(out, "result.pt"))
+    # with BatchNorm each replica row needs 2 samples of every batch (same launch)
+    bn = DistributedDGL(small_model(4), optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30)
+    x, y = batches(1, B=11, seed=4)[0]
+    try:
+        bn.fit(TensorLoader(x, y, 3) if bn.feeds else None, epochs=1)  # 2/1 shares: BatchNorm failed inside torch
+        message = None
+    except ValueError as exc:
+        message = str(exc)
+    rec = bn.fit(TensorLoader(x, y, 4) if bn.feeds else None, epochs=1)[0]  # 4, 4, then 3 (2/1): skipped by all
+    with open(os.path.join(out, f"bn-{rank}.json"), "w") as f:
+        json.dump({"message": message, "samples": rec["stage_samples"], "epoch": bn.epoch}, f)
 
 
 def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
     _spawn(_grid_worker, 4, str(tmp_path), 2)
+    for rank in range(4):  # replicas refuse too small batches before the first step, skip a last batch that splits 2/1
+        got = json.loads((tmp_path / f"bn-{rank}.json").read_text())
+        assert got["message"] == ("a batch size of 3 split over 2 replica rows leaves a row 1 sample; each row needs at "
+                                  "least 2 (BatchNorm): expected a batch size >= 4; pass a larger batch size or fewer "
+                                  "replicas"), got
+        assert got["samples"] == [8] * 4 and got["epoch"] == 1  # 2 batches of 4
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential", channels_last=False)
     with one_thread():
@@ -316,8 +335,9 @@ def test_checks_in_a_one_rank_group(tmp_path):
             DistributedDGL(small_model(2), optimizer=sgd, amp="bf16")
         with pytest.raises(ValueError, match="replicas must divide the world size 1, got 2"):
             DistributedDGL(small_model(2), optimizer=sgd, replicas=2)
-        with pytest.raises(ValueError, match="timeout must be a positive number"):
-            DistributedDGL(small_model(2), optimizer=sgd, timeout=0)
+        for timeout in (0, 0.001, float("inf"), float("nan")):  # inf: OverflowError, 0.001: DistStoreError before
+            with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds from 1 to 1e7, got"):
+                DistributedDGL(small_model(2), optimizer=sgd, timeout=timeout)
         ddgl = DistributedDGL(small_model(2), optimizer=sgd)  # one rank holds every stage
         assert ddgl.feeds and ddgl.is_last and ddgl.stages == [0, 1]
         with pytest.raises(ValueError, match=r"rank 0 \(stages 1-2\) feeds stage 1 and must pass the training loader"):
@@ -328,5 +348,16 @@ def test_checks_in_a_one_rank_group(tmp_path):
         with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 1: the loss of stage \d is (nan|inf)"):
             wild.fit(batches(6), epochs=2, checkpoint_dir=str(tmp_path / "ckpt"))
         assert wild.epoch == 0 and wild.history == [] and not (tmp_path / "ckpt").exists()
+        # a resumed run keeps its learning-rate plan; a batch of one cannot train BatchNorm
+        planned = DistributedDGL(small_model(2), optimizer=sgd)
+        planned.fit(batches(2), epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=str(tmp_path / "plan"))
+        again = DistributedDGL(small_model(2), optimizer=sgd)
+        again.load(str(tmp_path / "plan"))
+        with pytest.raises(ValueError, match="giving factor 1 at epoch 1, this fit's lr_schedule gives 0.1 there"):
+            again.fit(batches(2), epochs=2, lr_schedule=lambda e: 0.1)
+        with pytest.raises(ValueError, match="a batch size of 1 split over 1 replica rows leaves a row 1 sample; each "
+                                             r"row needs at least 2 \(BatchNorm\): expected a batch size >= 2"):
+            again.fit(TensorLoader(*batches(1, B=3)[0], 1), epochs=2, lr_schedule=lambda e: 0.5 ** e)
+        assert again.epoch == 1
     finally:
         dist.destroy_process_group()

@@ -68,6 +68,12 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     assert 0 <= summary["test_acc"] <= 1 and len(summary["test_acc_per_stage"]) == 3
     ckpt = tmp_path / "a" / "checkpoint"
     assert json.loads((ckpt / "manifest.json").read_text())["epoch"] == 2
+    from dgl_fast import checkpoint  # noqa: PLC0415
+
+    for rank in range(2):  # what a resume is checked against (refusals: tests/test_cli_errors.py, test_silent2.py)
+        state = checkpoint.load(ckpt / f"rank-{rank:05d}-epoch-00002.pt")
+        assert state["lr_factors"] == [1.0, 1.0] and state["run_options"]["--lr-step"] == 15
+        assert state["run_options"]["--batch-size"] == 64 and state["run_options"]["--seed"] == 0
     # a resumed run continues the same training: 2 -> 3 epochs
     cmd2 = cmd[:-4] + ["--epochs", "3", "--out", str(tmp_path / "b"), "--resume", str(ckpt)]
     res = subprocess.run(cmd2, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
@@ -77,17 +83,49 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     assert resumed["train"][:2] == summary["train"][:2]
 
 
-def test_mismatched_launches_refuse_on_every_rank():
-    differ = {"--width": ("8", "12"), "--seed": ("0", "1"), "--data": ("synthetic", "digits"), "--epochs": ("2", "3")}
-    base = [x for x in SMALL if x not in ("--data", "synthetic")]  # digits are 8x8 too
+def _image_tree(root, seed):
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            os.makedirs(root / split / c)
+            for i in range(3):  # sizes differ between the seeds' trees, names and counts do not
+                Image.fromarray(rng.integers(0, 256, (9, 10 + seed, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def test_mismatched_launches_refuse_on_every_rank(tmp_path):
+    # two image folders of one shape (names, counts, classes) but other files: the content fingerprint differs
+    trees = [_image_tree(tmp_path / f"tree{seed}", seed) for seed in range(2)]
+    differ = {"--width": ("8", "12"), "--seed": ("0", "1"), "--epochs": ("2", "3"), "--data-dir": tuple(trees)}
+    base = [x for x in SMALL if x not in ("--data", "synthetic")] + ["--data", "imagefolder"]
     per_rank = [base + [x for flag, v in differ.items() for x in (flag, v[rank])] for rank in range(2)]
     for rc, _, err in wait_all(launch(per_rank), timeout=120):
         assert rc == 2, err[-2000:]
         line = err.strip().splitlines()[-1]
         assert line.startswith("error: the 2 ranks were launched with different configurations and refuse to start")
         for flag, (a, b) in differ.items():
+            if flag == "--data-dir":  # where the data lies may differ between machines; what it holds may not
+                assert "training data (('imagefolder', " in line and "held-out data (('imagefolder', (6, 3, '" in line, line
+                continue
             assert f"{flag} ({a!r} on rank 0; {b!r} on rank 1)" in line or f"{flag} ({a} on rank 0; {b} on rank 1)" \
                 in line, (flag, line)
+
+
+def test_a_rank_failing_its_start_up_is_named_by_every_rank(tmp_path):
+    timeout = 20
+    args = [x for x in SMALL if x not in ("--data", "synthetic")] + ["--data", "imagefolder", "--timeout", str(timeout)]
+    per_rank = [args + ["--data-dir", _image_tree(tmp_path / "tree", 0)], args + ["--data-dir", str(tmp_path / "none")]]
+    start = time.monotonic()
+    results = wait_all(launch(per_rank), timeout=120)
+    for rank, (rc, _, err) in enumerate(results):  # before: rank 0 waited, then a raw DistStoreError
+        assert rc == 2, err[-2000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: rank {rank}: rank 1 failed its start-up: imagefolder expects "
+                               f"{tmp_path / 'none' / 'train'}/<class>/<image> folders"), line
+    assert time.monotonic() - start < 90  # process start-up on a loaded machine; the check itself waits < --timeout
 
 
 def wait_for(proc_err_path, text, timeout):

@@ -74,8 +74,8 @@ def test_cli_train_synthetic_writes_metrics_and_plot(tmp_path, capsys):
     assert summary["epochs_done"] == 2 and 0 <= summary["test_acc"] <= 1 and 0 <= summary["test_acc_ensemble"] <= 1
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out accuracy" in capsys.readouterr().out
-    # resume for one more epoch
-    assert cli.main(args[:-5] + ["--epochs", "3", "--resume", str(out / "checkpoint.pt"), "--out", str(out),
+    # resume for one more epoch (with the same --batch-size: another one is refused)
+    assert cli.main(args[:-3] + ["--epochs", "3", "--resume", str(out / "checkpoint.pt"), "--out", str(out),
                                  "--no-progress"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 

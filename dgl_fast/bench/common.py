@@ -21,13 +21,20 @@ import torch
 RESULTS = os.path.join("benchmarks", "results")
 
 
+def _out_dir(path: str) -> str:
+    """``--out-dir``: checked before the benchmark runs (an existing file cannot become the folder)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"expected a folder (created when missing), got the existing file {path}")
+    return path
+
+
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of ``python -m dgl_fast bench NAME``: the module's docstring as help, and the
     output options every benchmark shares (``--no-write``, ``--out-dir``)."""
     p = argparse.ArgumentParser(prog=f"python -m dgl_fast bench {name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-write", action="store_true", help="print the report, write no results files")
-    p.add_argument("--out-dir", default=RESULTS,
+    p.add_argument("--out-dir", default=RESULTS, type=_out_dir,
                    help="folder for <name>-<device>.json and .md (relative to the current directory)")
     return p
 

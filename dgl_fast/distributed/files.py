@@ -11,15 +11,16 @@ loading. Across machines the folder must be shared (the manifest names every ran
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 
 from .. import checkpoint
 from .protocol import Layout
 
-__all__ = ["save_rank", "write_manifest", "remove_others", "load_rank", "MANIFEST"]
+__all__ = ["save_rank", "write_manifest", "remove_others", "load_rank", "read_manifest", "check_grid", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "dgl_fast distributed checkpoint 1"
@@ -49,7 +50,8 @@ def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str
     manifest = {"format": _FORMAT, "mode": mode, "world_size": layout.world, "replicas": layout.replicas,
                 "placement": list(layout.placement), "epoch": epoch,
                 "files": [{"rank": r, "file": _rank_file(r, epoch), "sha256": d} for r, d in enumerate(digests)]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{MANIFEST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for the rank files
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -57,7 +59,7 @@ def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, MANIFEST))
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
     dfd = os.open(directory, os.O_RDONLY)
@@ -76,22 +78,50 @@ def remove_others(directory: str, rank: int, epoch: int) -> None:
             os.remove(os.path.join(directory, name))
 
 
-def load_rank(directory: str, layout: Layout, rank: int, mode: str) -> dict:
-    """This rank's verified state from ``directory`` (raises ValueError naming what is wrong)."""
+def read_manifest(directory: str) -> dict:
+    """The manifest of the checkpoint set in ``directory`` (CheckpointError if it is not one)."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: not a complete distributed checkpoint")
     with open(path) as f:
         try:
             manifest = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise checkpoint.CheckpointError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise checkpoint.CheckpointError(f"{path} is not a dgl_fast distributed checkpoint manifest")
-    for key, mine in (("mode", mode), ("world_size", layout.world), ("replicas", layout.replicas),
-                      ("placement", list(layout.placement))):
-        if manifest.get(key) != mine:
-            raise ValueError(f"the checkpoint was saved with {key} {manifest.get(key)}, this run has {mine}")
+    epoch, files = manifest.get("epoch"), manifest.get("files")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or not isinstance(files, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("rank"), int) and e.get("file") == _rank_file(e["rank"], epoch)
+            for e in files):
+        raise checkpoint.CheckpointError(f"{path} names epoch {epoch!r} and files that do not all belong to it: "
+                                         "an edited or damaged manifest")
+    return manifest
+
+
+def check_grid(manifest: dict, directory: str, world: int, replicas: int, placement=None) -> None:
+    """Refuse (ValueError) a launch on another grid than the one ``manifest`` was saved on."""
+    saved = manifest.get("placement")
+    ok = isinstance(saved, list) and saved and all(isinstance(g, int) for g in saved)
+    groups = max(saved) + 1 if ok else "?"
+    same = ok and manifest.get("world_size") == world and manifest.get("replicas") == replicas and (
+        groups * replicas == world) and (placement is None or list(placement) == saved)
+    if not same:
+        mine = f"{world // replicas} stage groups x {replicas} replicas ({world} ranks" + (
+            f", placement {list(placement)})" if placement is not None else ")")
+        raise ValueError(f"the checkpoint set in {directory} was made on {groups} stage groups x "
+                         f"{manifest.get('replicas')} replicas ({manifest.get('world_size')} ranks, placement {saved}), "
+                         f"this launch has {mine}; resume it on the grid it was made on (resharding a checkpoint set "
+                         "is not supported)")
+
+
+def load_rank(directory: str, layout: Layout, rank: int, mode: str) -> dict:
+    """This rank's verified state from ``directory`` (raises ValueError naming what is wrong)."""
+    manifest = read_manifest(directory)
+    path = os.path.join(directory, MANIFEST)
+    if manifest.get("mode") != mode:
+        raise ValueError(f"the checkpoint was saved with mode {manifest.get('mode')}, this run has {mode}")
+    check_grid(manifest, directory, layout.world, layout.replicas, layout.placement)
     entries = [e for e in manifest["files"] if e.get("rank") == rank]
     if len(entries) != 1:
         raise checkpoint.CheckpointError(f"{path} lists no file (or several) for rank {rank}")
@@ -102,4 +132,9 @@ def load_rank(directory: str, layout: Layout, rank: int, mode: str) -> dict:
     if _sha256(file) != entry["sha256"]:
         raise checkpoint.CheckpointError(f"{file} does not match the manifest's SHA-256: it was written by "
                                          "another save than the manifest (a save interrupted on some rank?)")
-    return checkpoint.load(file)
+    state = checkpoint.load(file)
+    if not isinstance(state, dict) or state.get("epoch") != manifest["epoch"]:
+        got = state.get("epoch") if isinstance(state, dict) else None
+        raise checkpoint.CheckpointError(f"{file} holds the state of epoch {got}, the manifest {path} names epoch "
+                                         f"{manifest['epoch']}")
+    return state

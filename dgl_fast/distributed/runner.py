@@ -35,34 +35,16 @@ import torch.distributed as dist
 
 from .. import checkpoint
 from ..buffer import ReplayBuffer
-from ..fitting import TrainingDiverged
+from ..fitting import TrainingDiverged, check_lr_plan
 from ..model import DecoupledModel
 from ..trainer import Trainer
 from . import files
 from .agreement import agree, model_fingerprint
+from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
 from .replicas import GradientAverager
 
 __all__ = ["DistributedDGL", "even_placement"]
-
-
-def even_placement(num_stages: int, groups: int) -> list[int]:
-    """Stage group of each stage: contiguous groups, as even as possible (earlier groups get the extra)."""
-    if groups < 1 or num_stages < groups:
-        raise ValueError(f"cannot place {num_stages} stages on {groups} stage groups: every group needs a stage")
-    base, extra = divmod(num_stages, groups)
-    placement = []
-    for g in range(groups):
-        placement += [g] * (base + (1 if g < extra else 0))
-    return placement
-
-
-def _sample_batch(model: DecoupledModel, batch: int):
-    shapes = model.check_shapes(model.input_shape)
-    g = torch.Generator().manual_seed(0)
-    dtype = next(model.parameters()).dtype
-    x = torch.randn((batch, *model.input_shape), generator=g).to(dtype)
-    return x, torch.randint(0, shapes[-1][1], (batch,), generator=g)
 
 
 def _optimizer_fields(opt: torch.optim.Optimizer):
@@ -102,8 +84,8 @@ class DistributedDGL:
                              "dtype: amp, engine and mode cannot be set")
         if mode not in ("dgl", "async"):
             raise ValueError(f"DistributedDGL mode must be 'dgl' or 'async', got {mode!r}")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(timeout, (int, float)) and 1 <= timeout <= 1e7):
+            raise ValueError(f"timeout must be a positive number of seconds from 1 to 1e7, got {timeout!r}")
         self.rank, world = dist.get_rank(), dist.get_world_size()
         dev = torch.device(device)
         if dev.type == "cuda":  # first: NCCL (and object collectives) use the current device
@@ -116,9 +98,9 @@ class DistributedDGL:
         if mode == "async" and replicas > 1:
             raise ValueError("mode='async' runs one replica row (replicas=1): replicas average gradients step by step")
         self.mode, self.timeout = mode, float(timeout)
+        self._need = min_share(model)  # samples each replica row needs of a batch
         groups = world // replicas
-        self.balance = None
-        placement = self._placement(model, placement, groups, optimizer, device, balance_batch)
+        placement, self.balance = choose_placement(model, placement, groups, optimizer, device, balance_batch, self._ctl)
         self.layout = Layout(tuple(placement), replicas)
         self.placement = list(placement)
         self.replica, self.group = self.layout.coords(self.rank)
@@ -157,35 +139,6 @@ class DistributedDGL:
         self.buffer: ReplayBuffer | None = None
         self.history: list[dict] = []
         self.epoch = 0
-
-    def _placement(self, model, placement, groups, optimizer, device, balance_batch) -> list[int]:
-        K = model.num_stages
-        if placement == "even":
-            return even_placement(K, groups)
-        if placement == "balance":
-            if groups == 1:
-                return [0] * K
-            if K < groups:
-                raise ValueError(f"cannot place {K} stages on {groups} stage groups: every group needs a stage")
-            from ..balancing import balance  # noqa: PLC0415
-
-            result = [None]
-            if dist.get_rank() == 0:
-                result[0] = balance(model, _sample_batch(model, balance_batch), groups, optimizer=optimizer,
-                                    device=device)
-            try:
-                dist.broadcast_object_list(result, src=0, group=self._ctl)
-            except RuntimeError as exc:
-                raise PeerError(f"rank {dist.get_rank()}: receiving the balanced placement from rank 0 failed: "
-                                f"{describe_failure(exc)}") from None
-            self.balance = result[0]
-            return list(result[0].placement)
-        placement = [int(g) for g in placement]
-        if len(placement) != K or placement[0] != 0 or placement[-1] != groups - 1 or any(
-                b - a not in (0, 1) for a, b in zip(placement, placement[1:])):
-            raise ValueError(f"placement must give each of the {K} stages a stage group, non-decreasing from 0 to "
-                             f"{groups - 1} without gaps, got {placement}")
-        return placement
 
     @property
     def feeds(self) -> bool:
@@ -226,8 +179,8 @@ class DistributedDGL:
                               dynamic_ncols=True)
             for x, y in loader:
                 x, y = self.trainer.prepare_batch(x, y)
-                if y.shape[0] < self.layout.replicas:  # every row sees B: all skip it alike
-                    continue
+                if y.shape[0] // self.layout.replicas < self._need:  # every row sees B: all skip it alike
+                    continue  # (a last batch that would leave a row fewer samples than BatchNorm needs)
                 yield self._share(x, y)
             return
         while (msg := self.inbound.recv()) is not None:
@@ -313,7 +266,10 @@ class DistributedDGL:
             callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None,
             progress: bool = False) -> list[dict]:
         """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only), after
-        every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch.
+        every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch. A
+        loader batch size that leaves a replica row fewer samples than it needs (2 with BatchNorm)
+        is refused before the first step, a last batch that would is skipped by every row; a
+        resumed run whose factors differ from the saved plan is refused (see Trainer.fit).
         With ``checkpoint_dir``, :meth:`save` runs after every epoch; ``progress`` shows a bar
         on rank 0."""
         factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
@@ -323,6 +279,13 @@ class DistributedDGL:
         batches = len(loader) if self.feeds and hasattr(loader, "__len__") else None
         agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument",
               group=self._ctl)
+        size = getattr(loader, "batch_size", None) if self.feeds else None
+        problems = [p for p in self._gather(check_batch_size(size, self.layout.replicas, self._need), "the batch sizes")
+                    if p]
+        if problems:  # every rank refuses before the first step
+            raise ValueError(f"{problems[0]}; pass a larger batch size or fewer replicas")
+        check_lr_plan(self.trainer.lr_factors, factors, self.epoch)
+        self.trainer.lr_factors = factors
         records = []
         while self.epoch < epochs:
             self.trainer.set_lr_factor(factors[self.epoch])
