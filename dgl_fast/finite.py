@@ -1,9 +1,10 @@
 """The step guard: a stage step whose loss or gradients are not finite never reaches the weights.
 
 As ``torch.amp.GradScaler`` skips a step, the decision stays on the device (no host
-synchronisation, so it also runs inside CUDA graphs): a 0-dim flag ``bad = ~isfinite(loss) | any
-non-finite gradient`` (torch's multi-tensor amp check, one kernel per device and dtype), then the
-optimizer's own step runs unchanged and every tensor it may have changed is selected back with
+synchronisation, so it also runs inside CUDA graphs): the optimizer's own step runs unchanged, then
+a 0-dim flag ``bad = ~isfinite(loss) | any non-finite gradient`` (torch's multi-tensor amp check,
+one kernel per device and dtype, on the gradients as the step's pre-hooks left them: replicas that
+average gradients there decide alike) selects back every tensor the step may have changed with
 ``torch.where(bad, old, new)``. This works for any ``torch.optim`` optimizer (and for
 :class:`~dgl_fast.schedules.GraphSGD`), and a finite step is bitwise the optimizer's own.
 
@@ -71,10 +72,13 @@ class StepGuard:
         after the backward of ``loss``; undo it, and the forward's buffer updates, on the device
         where the loss or a gradient is not finite. Returns the 0-dim bool flag (True: skipped)."""
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        bad = nonfinite(loss, [p.grad for p in params])
         keys = [(p, k) for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
         old = _copy(params + [opt.state[p][k] for p, k in keys])
         run()
+        # the gradients as the step used them: after its pre-hooks (the distributed runner's
+        # replica averaging finishes there, so every replica decides alike); torch's optimizers
+        # never write them
+        bad = nonfinite(loss, [p.grad for p in params])
         had = {(id(p), k) for p, k in keys}
         for p in params:
             for k, v in opt.state.get(p, {}).items():

@@ -238,6 +238,25 @@ def test_nonfinite_flag_and_guard_directly():
     assert torch.count_nonzero(opt.state[lin.weight]["momentum_buffer"]) == 0  # made by the skipped step: zero
 
 
+def test_the_flag_reads_the_gradients_the_step_used():
+    # the distributed runner averages replicas' gradients in a step pre-hook: another replica's NaN
+    # arriving there must skip this replica's step too, although its own loss and gradients were finite
+    tr = _trainer(_model(seed=16), "dgl")
+    armed = [False]
+
+    def averaged(opt, args, kwargs):
+        if armed[0]:
+            next(p for g in opt.param_groups for p in g["params"] if p.grad is not None).grad[0] = math.nan
+    tr.optimizers[0].register_step_pre_hook(averaged)
+    (x, y), (x2, y2) = batches(2, B=B, seed=17)
+    tr.step(x, y)
+    before = _state(tr)
+    armed[0] = True
+    out = tr.step(x2, y2)
+    assert out.skipped.tolist() == [1, 0, 0] and all(math.isfinite(v) for v in out.losses.tolist())
+    assert _same(_state(tr), before, _stage_keys(0)) and not _same(_state(tr), before, _stage_keys(1))
+
+
 def test_the_loss_scaler_path_skips_and_counts_too():
     # fp16's path (a GradScaler per stage; CUDA in the trainer) with torch's CPU scaler
     model = _model(seed=14)
