@@ -14,7 +14,9 @@ move a parameter either, since the whole update is undone) and the buffers of th
 (BatchNorm running statistics and batch counts, written by the forward). State an optimizer
 creates at its first step is zeroed when that step is skipped (torch's initial value for Adam's
 moments; for SGD a zero momentum buffer, which trains as a fresh one unless ``dampening`` is set).
-Non-tensor state (Python numbers) is not restored.
+Non-tensor state (Python numbers) is not restored. The step's output still leaves it (the next
+stage's loss is then not finite and that stage skips too); in async mode such an output pushed
+into a replay buffer makes every step that samples it skip until it is overwritten.
 
 Cost: a copy of those tensors per step (memory: one stage's parameters and optimizer state, for
 the time of its step) and one ``where`` per tensor. An optimizer that keeps state tensors on

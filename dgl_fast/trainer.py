@@ -229,7 +229,9 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train on one mini-batch: every stage in ``dgl`` mode, the active stage in ``sequential``
         mode, the whole network in ``backprop`` mode, scheduled ticks in ``async`` mode. Inputs are
-        checked before anything changes."""
+        checked before anything changes. A stage step whose loss or gradients are not finite is
+        undone on the device (:mod:`dgl_fast.finite`, no host sync) and counted in
+        ``StepOutput.skipped`` and ``read_metrics().skipped``."""
         x, y = self.prepare_batch(x, y)
         self.set_train_modes()
         if self.mode == "sequential":
