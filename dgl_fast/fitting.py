@@ -37,6 +37,7 @@ class _EpochSums:
         self.loss = torch.zeros(K, dtype=torch.float64, device=trainer.device)
         self.hits = torch.zeros(K, dtype=torch.long, device=trainer.device)
         self.samples = [0] * K
+        self.skipped = torch.zeros(K, dtype=torch.long, device=trainer.device)
         self._weights: dict = {}  # per-stage sample counts as device tensors, by value
 
     def add(self, out) -> None:
@@ -48,26 +49,29 @@ class _EpochSums:
         # idle stages report NaN with weight 0; a trained stage's NaN stays NaN (never nan_to_num)
         self.loss += torch.where(weights > 0, out.losses.double() * weights, 0.0)
         self.hits += out.correct
+        self.skipped += out.skipped
         self.samples = [a + b for a, b in zip(self.samples, out.samples)]
 
-    def read(self, reset: bool) -> tuple[list[float], list[int], list[int]]:
-        """(loss sums, correct, samples) per stage so far: a host sync."""
+    def read(self, reset: bool) -> tuple[list[float], list[int], list[int], list[int]]:
+        """(loss sums, correct, samples, skipped steps) per stage so far: a host sync."""
         if self.accumulates:
-            means, hits, n = self.tr.read_metrics(reset=reset)
-            return [m * k for m, k in zip(means, n)], hits, n
-        return self.loss.tolist(), self.hits.tolist(), self.samples
+            m = self.tr.read_metrics(reset=reset)
+            return [a * k for a, k in zip(m[0], m[2])], m[1], m[2], m.skipped
+        return self.loss.tolist(), self.hits.tolist(), self.samples, self.skipped.tolist()
 
 
-def _check_finite(tr, loss_sums: list[float], samples: list[int], since: int) -> None:
+def _check_finite(tr, loss_sums: list[float], samples: list[int], since: int, skipped: list[int]) -> None:
     for j, (total, n) in enumerate(zip(loss_sums, samples)):
         if n and not math.isfinite(total):
+            kept = (f"; its {skipped[j]} step(s) with a non-finite loss or gradients were skipped (their updates never "
+                    "reached the weights)" if skipped[j] else "; every parameter trained since may be non-finite")
             last = tr.last_checkpoint
             where = (f"; the last checkpoint, {last[0]} (step {last[1]}), was written before it and is left untouched"
                      if last is not None and last[1] <= since else "; no checkpoint was saved before it")
             raise TrainingDiverged(
                 f"training diverged: stage {j + 1}'s loss became {total} (NaN or infinite) between steps {since + 1} "
-                f"and {tr.global_step} (epoch {tr.epoch + 1}); every parameter trained since may be non-finite"
-                f"{where}. Lower the learning rate or check the inputs for NaN/inf.",
+                f"and {tr.global_step} (epoch {tr.epoch + 1}){kept}{where}. Lower the learning rate or check the inputs "
+                "for NaN/inf.",
                 stage=j + 1, steps=(since + 1, tr.global_step), last_checkpoint=last)
 
 
@@ -117,8 +121,8 @@ def _epoch(tr, loader: Iterable, total: int, log_every: int, progress: bool) -> 
             seen += out.batch_size
             sums.add(out)
             if (i + 1) % log_every == 0:
-                ls, hs, n = sums.read(reset=False)
-                _check_finite(tr, ls, n, checked)
+                ls, hs, n, skipped = sums.read(reset=False)
+                _check_finite(tr, ls, n, checked, skipped)
                 checked = tr.global_step
                 if progress:
                     bar.set_postfix_str(" ".join(f"s{j + 1}:{ls[j] / n[j]:.3f}/{100 * hs[j] / n[j]:.1f}%"
@@ -129,8 +133,8 @@ def _epoch(tr, loader: Iterable, total: int, log_every: int, progress: bool) -> 
     if seen == 0:
         raise ValueError(_no_batch(loader))
     tr.flush()  # the epoch's last batches leave the pipeline
-    ls, hs, n = sums.read(reset=True)
-    _check_finite(tr, ls, n, checked)
+    ls, hs, n, skipped = sums.read(reset=True)
+    _check_finite(tr, ls, n, checked, skipped)
     elapsed = time.perf_counter() - start
     opt = tr.optimizers[min(tr.active_stage, len(tr.optimizers) - 1)]
     return {"epoch": tr.epoch + 1, "stage": tr.active_stage + 1 if tr.mode == "sequential" else None,

@@ -6,6 +6,10 @@ dtype and (fp16) its loss scaler. :meth:`StageStep.step` is the eager step ``(h,
 loss, correct)``: forward, head loss, backward, optimizer step, with no gradient flowing into
 ``h``. :meth:`StageStep.graph_body` is the same step in the form a CUDA graph captures.
 :class:`BackpropStep` is end-to-end backprop's one step over every stage and the last head.
+
+Every step is guarded (:mod:`dgl_fast.finite`): where its loss or a gradient is not finite, the
+update is undone on the device (parameters, optimizer state, BatchNorm statistics), no host
+synchronisation; ``skipped`` then holds the step's device flag (0-dim bool, True: skipped).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .finite import StepGuard
 from .heads import AuxHead
 from .utils import hand_off
 
@@ -35,8 +40,11 @@ def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.
 
 
 class _Precision:
-    def __init__(self, device: torch.device, amp: torch.dtype | None, scaler=None):
+    def __init__(self, device: torch.device, amp: torch.dtype | None, scaler=None, modules=()):
         self.device, self.amp, self.scaler = device, amp, scaler
+        self.guard = StepGuard(list(modules))
+        #: the last step's device flag (0-dim bool): its loss or gradients were not finite, its update undone
+        self.skipped: torch.Tensor | None = None
 
     def autocast(self):
         """Autocast context of the step's precision (a no-op without amp)."""
@@ -44,16 +52,27 @@ class _Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        """Backward of ``loss`` and ``opt``'s step (through the loss scaler under fp16)."""
+    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, begun=None) -> torch.Tensor:
+        """Backward of ``loss`` and ``opt``'s guarded step (through the loss scaler under fp16,
+        which also skips on its own); ``begun``: the guard's snapshot taken before the forward.
+        Returns (and keeps in ``skipped``) the device flag of a skipped step."""
+        begun = begun if begun is not None else ([], [])
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.step(opt)
+            self.scaler.unscale_(opt)
+            self.skipped = self.guard.step(opt, loss, lambda: self.scaler.step(opt), begun)
             self.scaler.update()
         else:
             loss.backward()
-            opt.step()
+            self.skipped = self.guard.step(opt, loss, opt.step, begun)
         opt.zero_grad(set_to_none=True)
+        return self.skipped
+
+    def guarded_graph_step(self, loss: torch.Tensor, sgd, begun) -> None:
+        """The graph form of :meth:`backward_step`: backward, ``sgd``'s step guarded, gradients dropped."""
+        loss.backward()
+        self.skipped = self.guard.step(sgd.opt, loss, sgd.step, begun)
+        sgd.zero_grad()
 
 
 class StageStep(_Precision):
@@ -62,7 +81,7 @@ class StageStep(_Precision):
 
     def __init__(self, index: int, stage: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, amp: torch.dtype | None = None, scaler=None):
-        super().__init__(device, amp, scaler)
+        super().__init__(device, amp, scaler, (stage, head))
         self.index, self.stage, self.head, self.optimizer = index, stage, head, optimizer
 
     def forward_loss(self, h_in: torch.Tensor, y: torch.Tensor):
@@ -75,19 +94,20 @@ class StageStep(_Precision):
     def step(self, h_in: torch.Tensor, y: torch.Tensor):
         """One optimizer step on input ``h_in``. Returns ``(h_out, loss, correct)``: ``h_out``
         detached (the hand-off to the next stage), ``loss`` a float32 scalar, ``correct`` int64."""
+        begun = self.guard.begin()
         h, loss, correct = self.forward_loss(h_in, y)
-        self.backward_step(loss, self.optimizer)
+        self.backward_step(loss, self.optimizer, begun)
         return h.detach(), loss.detach().float(), correct
 
     def graph_body(self, h_in: torch.Tensor, y: torch.Tensor, sgd, out: torch.Tensor | None = None):
         """The step as a CUDA graph captures it: forward, loss, backward, ``sgd`` (a
         :class:`~dgl_fast.schedules.GraphSGD` of this step's optimizer), gradients dropped (a capture
         starts without them, so each replay's backward writes them afresh), the output copied into
-        the static ``out``. Returns ``(loss, correct)`` (graph-owned)."""
+        the static ``out``. Guarded like :meth:`step` (``skipped``: the graph-owned flag). Returns
+        ``(loss, correct)`` (graph-owned)."""
+        begun = self.guard.begin()
         h, loss, correct = self.forward_loss(h_in, y)
-        loss.backward()
-        sgd.step()
-        sgd.zero_grad()
+        self.guarded_graph_step(loss, sgd, begun)
         if out is not None:
             out.copy_(h.detach())
         return loss.detach(), correct
@@ -100,7 +120,7 @@ class BackpropStep(_Precision):
 
     def __init__(self, stages: nn.ModuleList, head: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, amp: torch.dtype | None = None, scaler=None, stage_devices: list | None = None):
-        super().__init__(device, amp, scaler)
+        super().__init__(device, amp, scaler, (*stages, head))
         self.stages, self.head, self.optimizer = stages, head, optimizer
         self.stage_devices = list(stage_devices) if stage_devices is not None else [device] * len(stages)
 
@@ -113,14 +133,14 @@ class BackpropStep(_Precision):
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         """Returns ``(loss, correct)`` of the last head."""
+        begun = self.guard.begin()
         loss, correct = self.forward_loss(x, y)
-        self.backward_step(loss, self.optimizer)
+        self.backward_step(loss, self.optimizer, begun)
         return loss.detach(), correct
 
     def graph_body(self, x: torch.Tensor, y: torch.Tensor, sgd):
         """The step as a CUDA graph captures it (see :meth:`StageStep.graph_body`)."""
+        begun = self.guard.begin()
         loss, correct = self.forward_loss(x, y)
-        loss.backward()
-        sgd.step()
-        sgd.zero_grad()
+        self.guarded_graph_step(loss, sgd, begun)
         return loss.detach(), correct

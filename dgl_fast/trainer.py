@@ -235,7 +235,9 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train on one mini-batch: every stage in ``dgl`` mode, the active stage in ``sequential``
         mode, the whole network in ``backprop`` mode, scheduled ticks in ``async`` mode. Inputs are
-        checked before anything changes."""
+        checked before anything changes. A stage step whose loss or gradients are not finite is
+        undone on the device (:mod:`dgl_fast.finite`, no host sync) and counted in
+        ``StepOutput.skipped`` and ``read_metrics().skipped``."""
         x, y = self.prepare_batch(x, y)
         self.set_train_modes()
         if self.mode == "sequential":
@@ -255,10 +257,13 @@ class Trainer:
         :meth:`state_dict` flush first."""
         self.schedule.flush()
 
-    def read_metrics(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
+    def read_metrics(self, reset: bool = True):
         """Per-stage (mean loss, correct predictions, samples) accumulated on the device since the
-        last reset, for schedules whose :meth:`step` returns no per-step metrics (pipelined, async
-        on streams). A host synchronisation: call it every few steps, not every step."""
+        last reset, on every schedule (those whose :meth:`step` returns no per-step metrics too:
+        pipelined, async on streams), and ``.skipped``: per stage, the steps whose update was
+        skipped because their loss or gradients were not finite (:mod:`dgl_fast.finite`). A
+        :class:`~dgl_fast.schedules.Metrics` tuple; a host synchronisation: call it every few
+        steps, not every step."""
         return self.schedule.read_metrics(reset)
 
     def set_lr_factor(self, factor: float) -> None:

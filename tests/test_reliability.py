@@ -43,6 +43,11 @@ def test_a_nan_pixel_stops_fit_and_the_checkpoint_survives(tmp_path, engine):
         tr.fit(loader, epochs=2, progress=False, log_every=3, callback=lambda r: tr.save(path))
     assert info.value.stage == 1 and info.value.last_checkpoint == (str(path), 5)
     assert path.read_bytes() == good and len(tr.history) == 1  # no diverged epoch was recorded or saved
+    assert "step(s) with a non-finite loss or gradients were skipped" in str(info.value)
+    # the poisoned step never reached the model (tests/test_nonfinite.py); a model made non-finite otherwise
+    assert all(bool(v.isfinite().all()) for v in tr.model.state_dict().values() if v.is_floating_point())
+    with torch.no_grad():
+        tr.model.stages[0][0].weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(TrainingDiverged, match="refusing to save .* NaN or infinite values"):
         tr.save(path)
     assert path.read_bytes() == good

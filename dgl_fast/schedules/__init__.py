@@ -14,11 +14,11 @@ watch that emulated graphs run under.
 """
 
 from .asynchronous import SCHEDULES, AsyncSchedule
-from .base import Schedule, StageMetrics, StepOutput, stack_output
+from .base import Metrics, Schedule, StageMetrics, StepOutput, stack_output
 from .graphs import CaptureUnsafeError, CaptureWatch, EmulatedGraph, GraphSGD, capture
 from .pipelined import PipelinedSchedule
 from .sequential import SequentialSchedule
 
-__all__ = ["Schedule", "StepOutput", "StageMetrics", "stack_output", "SequentialSchedule", "PipelinedSchedule",
+__all__ = ["Schedule", "StepOutput", "StageMetrics", "Metrics", "stack_output", "SequentialSchedule", "PipelinedSchedule",
            "AsyncSchedule", "SCHEDULES", "GraphSGD", "EmulatedGraph", "capture",
            "CaptureWatch", "CaptureUnsafeError"]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..buffer import ReplayBuffer
-from .base import Schedule, StageMetrics, StepOutput, stack_output
+from .base import Schedule, StepOutput, stack_output
 from .graphs import CaptureWatch, GraphSGD, capture
 
 __all__ = ["AsyncSchedule", "SCHEDULES"]
@@ -39,7 +39,7 @@ class _GraphStage:
         self.graph = None
         self.x = self.y = self.info = None  # the step's input: copied in (stage 1) or sampled into
         self.h = None  # the stage's output, pushed to the next buffer after the replay
-        self.loss = self.correct = None  # the step's metrics, written by the graph
+        self.loss = self.correct = self.skipped = None  # the step's metrics, written by the graph
 
 
 class _AsyncGraphs:
@@ -75,6 +75,7 @@ class _AsyncGraphs:
         loss, correct = self.steps[j].graph_body(st.x, st.y, self.opts[j], st.h)
         st.loss.copy_(loss)
         st.correct.copy_(correct)
+        st.skipped.copy_(self.steps[j].skipped)
 
     def _capture(self, j: int, x, y, buffers: list[ReplayBuffer]) -> None:
         dev, st = self.device, _GraphStage()
@@ -89,6 +90,7 @@ class _AsyncGraphs:
             st.h = torch.empty(buffers[j].batch_shape, dtype=buffers[j].dtype, device=dev)
         st.loss = torch.zeros((), dtype=torch.float32, device=dev)
         st.correct = torch.zeros((), dtype=torch.long, device=dev)
+        st.skipped = torch.zeros((), dtype=torch.bool, device=dev)
         opt = self.steps[j].optimizer
         self.opts[j] = GraphSGD(opt)
         opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
@@ -97,7 +99,7 @@ class _AsyncGraphs:
             step = self.steps[j]
             watch = CaptureWatch(j, dev, {"stage": step.stage, "head": step.head}, opt,
                                  lambda: {"input": st.x, "labels": st.y, "output": st.h, "loss": st.loss,
-                                          "correct": st.correct})
+                                          "correct": st.correct, "skipped": st.skipped})
         st.graph = capture(self._body, j, st, device=dev, stream=self.streams[j] if self.streams is not None else None,
                            emulate=self.emulate, watch=watch)
         opt.zero_grad(set_to_none=True)  # .grad must not point into the graph's memory
@@ -105,8 +107,8 @@ class _AsyncGraphs:
 
     def step(self, j: int, x, y, buffers: list[ReplayBuffer], on_replay=None):
         """Stage j's step on the current stream (captured first if needed); ``on_replay()`` runs
-        between the replay and the push. Returns the graph's static ``(loss, correct)`` and the
-        batch size: valid until stage j's next step."""
+        between the replay and the push. Returns the graph's static ``(loss, correct, skipped)``
+        and the batch size: valid until stage j's next step."""
         if self.stages[j] is None:
             self._capture(j, x, y, buffers)
         st = self.stages[j]
@@ -122,7 +124,7 @@ class _AsyncGraphs:
             on_replay()
         if st.h is not None:
             buffers[j].push(st.h, st.y)
-        return st.loss, st.correct, st.y.shape[0]
+        return st.loss, st.correct, st.y.shape[0], st.skipped
 
 
 class AsyncSchedule(Schedule):
@@ -162,7 +164,6 @@ class AsyncSchedule(Schedule):
             self._done = [streams.new_event() for _ in range(K)]
             self._ran = [False] * K  # stage j has recorded its done event
             self._rejoin = False  # the caller's stream did work the stages must wait for
-            self.metrics = StageMetrics(K, device)
 
     # ---------------------------------------------------------------- buffers and learning rates
 
@@ -196,17 +197,17 @@ class AsyncSchedule(Schedule):
 
     def _run_stage(self, j: int, x=None, y=None):
         """One step of stage j: on (x, y) for stage 1, else on a sample of buffer j-1; pushes its
-        output to buffer j. Returns (loss, correct, samples), or None when ``max_reuse`` left
-        nothing to sample."""
+        output to buffer j. Returns (loss, correct, samples, skipped), or None when ``max_reuse``
+        left nothing to sample."""
         self._stage_lr(j)
         graphs, ordering = self.graphs, self.ordering
         if graphs is not None and graphs.ready(j):
             # for RecordedStreams, the step is marked between its sample and its push
-            loss, corr, n = graphs.step(j, x, y, self.buffers,
-                                        on_replay=None if ordering is None else lambda: ordering.mark(("step", j)))
+            loss, corr, n, skip = graphs.step(j, x, y, self.buffers,
+                                              on_replay=None if ordering is None else lambda: ordering.mark(("step", j)))
             self.counts[j] += 1
             # the graph's static metrics: used right away on this stream (free-running), or kept
-            return (loss, corr, n) if ordering is not None else (loss.clone(), corr.clone(), n)
+            return (loss, corr, n, skip) if ordering is not None else (loss.clone(), corr.clone(), n, skip.clone())
         if j > 0:
             sample = self.buffers[j - 1].sample()
             if self.max_reuse is not None and not bool(sample.valid):
@@ -220,7 +221,7 @@ class AsyncSchedule(Schedule):
         if j < self.K - 1:
             self.buffers[j].push(h, y)
         self.counts[j] += 1
-        return loss, corr, x.shape[0]
+        return loss, corr, x.shape[0], self.steps[j].skipped
 
     def feed(self, x: torch.Tensor, y: torch.Tensor, shapes: list[tuple] | None = None) -> StepOutput:
         """Feed one fresh batch (``shapes``: the stage outputs' per-sample shapes, needed to make
@@ -243,6 +244,7 @@ class AsyncSchedule(Schedule):
             if streams is None:
                 r = self._run_stage(j, *batch)
                 if r is not None:
+                    self.metrics.add(j, r[0], r[1], r[2], skipped=r[3])
                     runs[j].append(r)
                 return
             # stage j on its own stream: it waits for its batch (stage 1: the caller's stream, where
@@ -254,7 +256,7 @@ class AsyncSchedule(Schedule):
                         st.keep_alive(t, streams[0])
                 r = self._run_stage(j, *batch)
                 if r is not None:
-                    self.metrics.add(j, *r)
+                    self.metrics.add(j, r[0], r[1], r[2], skipped=r[3])
                     runs[j].append((None, None, r[2]))
                 st.record(self._done[j], streams[j])
                 self._ran[j] = True
@@ -283,7 +285,8 @@ class AsyncSchedule(Schedule):
             return StepOutput(None, None, x.shape[0], samples)
         losses = [torch.stack([r[0] for r in rs]).mean() if rs else None for rs in runs]
         correct = [torch.stack([r[1] for r in rs]).sum() if rs else None for rs in runs]
-        return stack_output(losses, correct, x.shape[0], samples, self.device)
+        skipped = [torch.stack([r[3] for r in rs]).sum() if rs else None for rs in runs]
+        return stack_output(losses, correct, x.shape[0], samples, self.device, skipped)
 
     # ---------------------------------------------------------------- protocol
 
@@ -297,12 +300,6 @@ class AsyncSchedule(Schedule):
             if ran:
                 self.ordering.wait_event(cur, ev)
         self._rejoin = True
-
-    def read_metrics(self, reset: bool = True):
-        if not self.accumulates:
-            return super().read_metrics(reset)
-        self.flush()
-        return self.metrics.read(reset)
 
     def on_lr_change(self, stage: int | None = None) -> None:
         if self.graphs is not None:

@@ -9,7 +9,7 @@ import torch
 
 from ..utils import hand_off
 
-__all__ = ["Schedule", "StageMetrics", "StepOutput", "stack_output"]
+__all__ = ["Schedule", "StageMetrics", "StepOutput", "Metrics", "stack_output"]
 
 
 @dataclass
@@ -25,26 +25,44 @@ class StepOutput:
         batch_size: number of samples in the fresh batch.
         samples: samples each stage trained on in this step (host ints; in async mode a stage may
             run several times, or not at all, per fresh batch).
+        skipped: [K] int64 steps of each stage whose update was skipped because its loss or
+            gradients were not finite (:mod:`dgl_fast.finite`; None as ``losses``).
     """
 
     losses: torch.Tensor | None
     correct: torch.Tensor | None
     batch_size: int
     samples: tuple[int, ...] = ()
+    skipped: torch.Tensor | None = None
 
 
 _IDLE: dict = {}  # device -> (NaN, 0): constants for stages idle in a step, made once per device
 
 
-def stack_output(losses: list, correct: list, batch_size: int, samples: tuple, device: torch.device) -> StepOutput:
+def stack_output(losses: list, correct: list, batch_size: int, samples: tuple, device: torch.device,
+                 skipped: list | None = None) -> StepOutput:
     """Stack per-stage metrics (None for a stage that did not train: NaN / 0) on ``device``
     (stages on other devices hand theirs over; the caller orders ``device``'s current stream
-    after the stages' work)."""
+    after the stages' work). ``skipped``: each stage's skip flag or count (None: 0)."""
     if device not in _IDLE:
         _IDLE[device] = (torch.full((), math.nan, device=device), torch.zeros((), dtype=torch.long, device=device))
     nan, zero = _IDLE[device]
-    return StepOutput(torch.stack([nan if v is None else hand_off(v.float(), device) for v in losses]),
-                      torch.stack([zero if v is None else hand_off(v, device) for v in correct]), batch_size, samples)
+
+    def stack(vals, fill, cast=None):
+        return torch.stack([fill if v is None else hand_off(v if cast is None else v.to(cast), device) for v in vals])
+    return StepOutput(stack(losses, nan, torch.float32), stack(correct, zero), batch_size, samples,
+                      stack(skipped if skipped is not None else [None] * len(losses), zero, torch.long))
+
+
+class Metrics(tuple):
+    """What :meth:`Schedule.read_metrics` returns: a tuple ``(mean losses, correct, samples)`` per
+    stage, with ``skipped``: per stage, the steps whose update was skipped (non-finite loss or
+    gradients, :mod:`dgl_fast.finite`) since the last reset."""
+
+    def __new__(cls, losses: list, correct: list, samples: list, skipped: list):
+        self = super().__new__(cls, (losses, correct, samples))
+        self.skipped = skipped
+        return self
 
 
 class StageMetrics:
@@ -58,51 +76,56 @@ class StageMetrics:
 
     def __init__(self, K: int, device: torch.device, stage_devices: list | None = None):
         stage_devices = list(stage_devices) if stage_devices is not None else [device] * K
-        sums = {d: (torch.zeros(K, dtype=torch.float64, device=d), torch.zeros(K, dtype=torch.long, device=d))
-                for d in dict.fromkeys([device, *stage_devices])}
-        self.loss_sum, self.correct_sum = sums[device]
+        sums = {d: (torch.zeros(K, dtype=torch.float64, device=d), torch.zeros(K, dtype=torch.long, device=d),
+                    torch.zeros(K, dtype=torch.long, device=d)) for d in dict.fromkeys([device, *stage_devices])}
+        self.loss_sum, self.correct_sum, self.skipped_sum = sums[device]
         self._sums = list(sums.values())
         self._stage = [sums[d] for d in stage_devices]
         self.samples = [0] * K  # known on the host: every step's batch size
 
-    def add(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int, count: bool = True) -> None:
-        """Add a step's mean loss (times its ``n`` samples) and correct count to stage j;
-        ``count=False`` leaves the host sample count to the caller (inside a CUDA graph)."""
-        loss_sum, correct_sum = self._stage[j]
+    def add(self, j: int, loss: torch.Tensor, correct: torch.Tensor, n: int, count: bool = True,
+            skipped: torch.Tensor | None = None) -> None:
+        """Add a step's mean loss (times its ``n`` samples), correct count and skip flag (or
+        count) to stage j; ``count=False`` leaves the host sample count to the caller (inside a
+        CUDA graph)."""
+        loss_sum, correct_sum, skipped_sum = self._stage[j]
         loss_sum.select(0, j).add_(loss.detach(), alpha=n)
         correct_sum.select(0, j).add_(correct)
+        if skipped is not None:
+            skipped_sum.select(0, j).add_(skipped)
         if count:
             self.samples[j] += n
 
-    def read(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
-        """Per-stage (mean loss, correct, samples) since the last reset (a host sync)."""
-        sums, hits, samples = self.loss_sum.tolist(), self.correct_sum.tolist(), list(self.samples)
-        for loss_sum, correct_sum in self._sums[1:]:  # other devices: zero except their own stages
-            sums = [a + b for a, b in zip(sums, loss_sum.tolist())]
-            hits = [a + b for a, b in zip(hits, correct_sum.tolist())]
+    def read(self, reset: bool = True) -> Metrics:
+        """Per-stage (mean loss, correct, samples) since the last reset, and ``.skipped`` (a host sync)."""
+        # other devices' sums are zero except for their own stages
+        sums, hits, skips = ([sum(v) for v in zip(*(s[i].tolist() for s in self._sums))] for i in range(3))
+        samples = list(self.samples)
         if reset:
-            for loss_sum, correct_sum in self._sums:
-                loss_sum.zero_()
-                correct_sum.zero_()
+            for tensors in self._sums:
+                for t in tensors:
+                    t.zero_()
             self.samples = [0] * len(samples)
-        return [t / n if n else math.nan for t, n in zip(sums, samples)], hits, samples
+        return Metrics([t / n if n else math.nan for t, n in zip(sums, samples)], hits, samples, skips)
 
 
 class Schedule:
     """How stage steps run on fresh batches. A schedule gets its stage steps (and buffers, streams)
     from the trainer, never the trainer itself, and counts each stage's steps in ``counts``.
 
-    ``accumulates``: whether per-stage metrics are summed on the device (read with
-    :meth:`read_metrics`) rather than returned by :meth:`feed`; ``collect`` (set by the caller)
-    asks a schedule that can do both to return per-step metrics too.
+    Every schedule sums per-stage metrics on the device in ``metrics`` (a :class:`StageMetrics`,
+    read with :meth:`read_metrics`); ``accumulates``: whether that is the only place they go,
+    :meth:`feed` returning no per-step metrics; ``collect`` (set by the caller) asks a schedule
+    that can do both to return per-step metrics too.
     """
 
     accumulates = False
 
-    def __init__(self, K: int, device: torch.device):
+    def __init__(self, K: int, device: torch.device, stage_devices: list | None = None):
         self.K, self.device = K, device
         self.counts = [0] * K  # times each stage trained
         self.collect = True
+        self.metrics = StageMetrics(K, device, stage_devices)  # device-side, one entry per stage
 
     def feed(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train on one checked, on-device batch."""
@@ -111,10 +134,11 @@ class Schedule:
     def flush(self) -> None:
         """Finish every batch in flight; order the caller's stream after the stages' work."""
 
-    def read_metrics(self, reset: bool = True) -> tuple[list[float], list[int], list[int]]:
-        """Per-stage (mean loss, correct, samples) summed on the device (a host sync)."""
-        raise RuntimeError(f"the {type(self).__name__} returns its metrics from step() (StepOutput.losses and "
-                           ".correct); read_metrics serves the pipelined and free-running engines")
+    def read_metrics(self, reset: bool = True) -> Metrics:
+        """Per-stage (mean loss, correct, samples) summed on the device since the last reset, with
+        ``.skipped`` (a :class:`Metrics`; a host sync)."""
+        self.flush()
+        return self.metrics.read(reset)
 
     def on_lr_change(self, stage: int | None = None) -> None:
         """The optimizers' learning rates changed (stage ``stage``'s, or every stage's)."""

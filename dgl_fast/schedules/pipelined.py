@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import hand_off, kept_modes
-from .base import Schedule, StageMetrics, StepOutput, stack_output
+from .base import Schedule, StepOutput, stack_output
 from .graphs import CaptureWatch, GraphSGD, capture
 
 __all__ = ["PipelinedSchedule"]
@@ -45,6 +45,7 @@ class TickResult:
     samples: tuple[int, ...]
     losses: list | None = None
     correct: list | None = None
+    skipped: list | None = None
 
 
 class _StageGraphs:
@@ -75,7 +76,7 @@ class PipelinedSchedule(Schedule):
 
     def __init__(self, steps: list, device: torch.device, streams: bool, graphs: bool, warmup: int = 3,
                  emulate_graphs: bool = False, placement: list[int] | None = None):
-        super().__init__(len(steps), device)
+        super().__init__(len(steps), device, [s.device for s in steps])  # metrics: one entry per stage
         self.steps = steps
         self.stage_devices = [s.device for s in steps]
         self.all_devices = list(dict.fromkeys([self.device, *self.stage_devices]))
@@ -99,7 +100,6 @@ class PipelinedSchedule(Schedule):
         # two events per stage, used by tick parity: a tick waits on the previous tick's events
         # while it records its own, with no new event object per stage step
         self._events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in range(self.K)] if streams else None
-        self.metrics = StageMetrics(self.K, self.device, self.stage_devices)  # device-side, one entry per stage
         #: the captured graphs and their static buffers (None before capture)
         self.graph_state: list[_StageGraphs] | None = None
         self._graph_shape = None
@@ -164,6 +164,7 @@ class PipelinedSchedule(Schedule):
         samples = [0] * self.K
         losses: list = [None] * self.K
         hits: list = [None] * self.K
+        skips: list = [None] * self.K
         prev = list(self.done)
         cur = torch.cuda.current_stream(self.device) if self.streams is not None else None
         for j in reversed(range(self.K)):  # any order is valid: a tick's stages are independent
@@ -181,20 +182,21 @@ class PipelinedSchedule(Schedule):
                 h_in, y = hand_off(h_in, dev), hand_off(y, dev)  # a copy made (and allocated) on this stream
                 start = self._trace_start(j)
                 h_out, loss, correct = self.steps[j].step(h_in, y)
-                self.metrics.add(j, loss, correct, y.shape[0])
+                skipped = self.steps[j].skipped
+                self.metrics.add(j, loss, correct, y.shape[0], skipped=skipped)
                 self._record_done(j)
                 self._trace_end(j, b, start)
             if stream is not None:  # read later on the current stream of their device
-                loss.record_stream(torch.cuda.current_stream(loss.device))
-                correct.record_stream(torch.cuda.current_stream(correct.device))
+                for t in (loss, correct, skipped):
+                    t.record_stream(torch.cuda.current_stream(t.device))
             if j + 1 < self.K:
                 nxt[j + 1] = (h_out, y, b)
             batches[j], samples[j] = b, y.shape[0]
-            losses[j], hits[j] = loss, correct
+            losses[j], hits[j], skips[j] = loss, correct, skipped
             self.counts[j] += 1
         self.pending = nxt
         self.ticks += 1
-        return TickResult(batches, tuple(samples), losses, hits)
+        return TickResult(batches, tuple(samples), losses, hits, skips)
 
     # ------------------------------------------------------------------ graph ticks
 
@@ -247,7 +249,8 @@ class PipelinedSchedule(Schedule):
 
     def _graph_body(self, j: int, h_in, y, out) -> None:
         loss, correct = self.steps[j].graph_body(h_in, y, self._graph_opts[j], out)
-        self.metrics.add(j, loss, correct, y.shape[0], count=False)  # replays count on the host
+        # replays count samples on the host
+        self.metrics.add(j, loss, correct, y.shape[0], count=False, skipped=self.steps[j].skipped)
 
     def _graph_tick(self, fresh) -> TickResult:
         st = self.graph_state
@@ -298,7 +301,7 @@ class PipelinedSchedule(Schedule):
         if not self.collect or res.losses is None:
             return StepOutput(None, None, x.shape[0], res.samples)
         self.sync_to_current()
-        return stack_output(res.losses, res.correct, x.shape[0], res.samples, self.device)
+        return stack_output(res.losses, res.correct, x.shape[0], res.samples, self.device, res.skipped)
 
     def _feed(self, x: torch.Tensor, y: torch.Tensor) -> TickResult:
         b = self.next_batch

@@ -18,21 +18,24 @@ __all__ = ["SequentialSchedule"]
 class SequentialSchedule(Schedule):
     """Args: ``mode`` (``"dgl"``, ``"sequential"``, ``"backprop"``), the stage ``steps`` (dgl,
     sequential) or the ``backprop_step``, ``K`` and the device. ``active_stage`` is the stage the
-    sequential mode trains (set by the caller)."""
+    sequential mode trains (set by the caller). Metrics are returned per step and summed on the
+    device (:meth:`read_metrics`)."""
 
     def __init__(self, mode: str, steps: list, backprop_step, K: int, device: torch.device):
-        super().__init__(K, device)
+        devices = [s.device for s in steps] if steps else getattr(backprop_step, "stage_devices", None)
+        super().__init__(K, device, devices)
         self.mode, self.steps, self.backprop_step = mode, steps, backprop_step
         self.active_stage = 0
 
     def feed(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         K = self.K
-        losses, correct = [None] * K, [None] * K
+        losses, correct, skipped = [None] * K, [None] * K, [None] * K
         if self.mode == "dgl":  # stages on other devices get the activations and labels handed over
             h, y_j = x, y
             for j, step in enumerate(self.steps):
                 h, y_j = hand_off(h, step.device), hand_off(y_j, step.device)
                 h, losses[j], correct[j] = step.step(h, y_j)
+                skipped[j] = step.skipped
         elif self.mode == "sequential":
             j = self.active_stage
             h = x
@@ -42,8 +45,10 @@ class SequentialSchedule(Schedule):
                         h = step.stage(hand_off(h, step.device))
             dev = self.steps[j].device
             _, losses[j], correct[j] = self.steps[j].step(hand_off(h, dev), hand_off(y, dev))
+            skipped[j] = self.steps[j].skipped
         else:  # backprop
             losses[K - 1], correct[K - 1] = self.backprop_step.step(x, y)
+            skipped[K - 1] = self.backprop_step.skipped
         B = x.shape[0]
         if self.mode == "dgl":
             samples = (B,) * K
@@ -52,4 +57,8 @@ class SequentialSchedule(Schedule):
             samples = tuple(B if j == trained else 0 for j in range(K))
         for j, n in enumerate(samples):
             self.counts[j] += n > 0
-        return stack_output(losses, correct, B, samples, self.device)
+            if n:
+                self.metrics.add(j, losses[j], correct[j], n, skipped=skipped[j])
+        if not self.collect:
+            return StepOutput(None, None, B, samples)
+        return stack_output(losses, correct, B, samples, self.device, skipped)
