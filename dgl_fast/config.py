@@ -46,7 +46,7 @@ from .streams import CudaStreams
 from .utils import cpu_features
 
 __all__ = ["MODES", "ENGINES", "AMP", "Config", "check_options", "resolve_engine", "resolve_channels_last", "check_factor",
-           "check_hyperparameters"]
+           "check_hyperparameters", "check_image_inputs"]
 
 MODES = ("dgl", "sequential", "backprop", "async")
 ENGINES = ("auto", "sequential", "pipeline", "streams")
@@ -188,6 +188,17 @@ def resolve_engine(cfg: Config, optimizers: list, K: int) -> Config:
     if engine == "streams" and mode == "async" and cfg.streams is None:
         cfg.streams = CudaStreams(cfg.device)
     return cfg
+
+
+def check_image_inputs(cfg: Config, stages: list[int]) -> None:
+    """Refuse an engine that does not yet carry the input image to the stages whose loss needs it
+    (``stages``, 0-based; InfoPro's reconstruction): only the sequential engine does (modes
+    ``dgl`` and ``sequential``; ``backprop`` reads the last head only)."""
+    if not stages or cfg.mode == "backprop" or (cfg.engine == "sequential" and cfg.mode in ("dgl", "sequential")):
+        return
+    raise ValueError(f"the loss of stages {[j + 1 for j in stages]} needs the input image (rule infopro), which "
+                     f"mode={cfg.mode!r} on engine={cfg.engine!r} does not carry yet; use engine='sequential' with "
+                     "mode='dgl' or 'sequential'")
 
 
 def resolve_channels_last(cfg: Config, model: torch.nn.Module) -> Config:
