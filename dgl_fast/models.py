@@ -178,10 +178,12 @@ def build(name: str, num_classes: int = 10, *, block_size: int | None = None, st
     """
     if rule is not None or local_modules is not None or rule_options:
         given = [k for k, v in (("block_size", block_size), ("stages", stages), ("aux", aux), ("depth", depth),
-                                ("hidden", hidden), ("last_head", last_head)) if v is not None]
+                                ("last_head", last_head)) if v is not None]
         if given:
             raise ValueError(f"the harness network (rule=, local_modules=) is cut by local_modules and its heads are "
-                             f"the rule's; drop {', '.join(given)} (rule 'dgl' takes aux_net_config=, hidden=)")
+                             f"the rule's; drop {', '.join(given)} (rule 'dgl' takes aux_net_config=)")
+        if hidden is not None:  # rule 'dgl' with a dgl_fast head kind
+            rule_options = {**rule_options, "hidden": hidden}
         if widths is None:
             widths = (width, width, 2 * width, 4 * width) if width is not None else (16, 16, 32, 64)
         elif width is not None:
