@@ -27,7 +27,7 @@ import math
 import torch.nn as nn
 
 from ..local_nets import BasicBlock
-from .base import LocalHead, ModuleInfo, Rule, number, positive_int, widen
+from .base import CE_WEIGHTS, ClassifierHead, ModuleInfo, Rule, number, positive_int, widen
 
 __all__ = ["AugLocalRule", "sampled_layers", "pyramid_depths", "auglocal_classifier"]
 
@@ -66,18 +66,10 @@ def auglocal_classifier(info: ModuleInfo, depth: int, w: float) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-class AugLocalHead(LocalHead):
-    """AugLocal's local head: ``classifier`` (the sampled layers and the linear classifier)."""
-
-    def __init__(self, classifier: nn.Module, ixx: float, ixy: float):
-        super().__init__(ixx, ixy)
-        self.classifier = classifier
-
-
 class AugLocalRule(Rule):
     name = "auglocal"
     options = {"aux_net_depth": 1, "aux_net_widen": 1.0, "pyramid": False, "pyramid_coeff": 0.5,
-               "subtract_depth": True, "ixx_1": 0.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}
+               "subtract_depth": True, **CE_WEIGHTS}
 
     def check(self, opts: dict) -> None:
         super().check(opts)
@@ -106,4 +98,4 @@ class AugLocalRule(Rule):
                 raise ValueError(f"auglocal: pyramid depths are indexed by the module's layer ({info.layer}), "
                                  f"which needs the 'auglocal' split table")
             depth = depths[info.layer]
-        return AugLocalHead(auglocal_classifier(info, depth, opts["aux_net_widen"]), *self.weights(info, opts))
+        return ClassifierHead(auglocal_classifier(info, depth, opts["aux_net_widen"]), *self.weights(info, opts))

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from .. import ops
 
-__all__ = ["ModuleInfo", "LocalHead", "Rule", "interpolate", "ce_and_correct", "number", "positive_int", "widen"]
+__all__ = ["ModuleInfo", "LocalHead", "ClassifierHead", "CE_WEIGHTS", "Rule", "interpolate", "ce_and_correct", "number",
+           "positive_int", "widen"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,18 @@ class LocalHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ixx={self.ixx:g}, ixy={self.ixy:g}"
+
+
+class ClassifierHead(LocalHead):
+    """A local head with a classifier only (DGL, AugLocal): loss ``ixy_r * CE``."""
+
+    def __init__(self, classifier: nn.Module, ixx: float, ixy: float):
+        super().__init__(ixx, ixy)
+        self.classifier = classifier
+
+
+#: the weights of a rule with cross-entropy only (train.py's defaults; ``ixx_*`` have no effect)
+CE_WEIGHTS = {"ixx_1": 0.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}
 
 
 class Rule:

@@ -20,7 +20,7 @@ import math
 import torch.nn as nn
 
 from ..heads import HEAD_KINDS, AuxHead
-from .base import LocalHead, ModuleInfo, Rule
+from .base import CE_WEIGHTS, ClassifierHead, ModuleInfo, Rule
 
 __all__ = ["DGLRule", "dgl_classifier"]
 
@@ -40,17 +40,9 @@ def dgl_classifier(c: int, side: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class DGLHead(LocalHead):
-    """DGL's local head: ``classifier`` only."""
-
-    def __init__(self, classifier: nn.Module, ixx: float, ixy: float):
-        super().__init__(ixx, ixy)
-        self.classifier = classifier
-
-
 class DGLRule(Rule):
     name = "dgl"
-    options = {"aux_net_config": "DGL", "hidden": None, "ixx_1": 0.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}
+    options = {"aux_net_config": "DGL", "hidden": None, **CE_WEIGHTS}
 
     def check(self, opts: dict) -> None:
         super().check(opts)
@@ -64,4 +56,4 @@ class DGLRule(Rule):
             clf = dgl_classifier(info.channels, info.size[0], info.num_classes)
         else:
             clf = AuxHead(info.channels, info.size, info.num_classes, kind=kind, hidden=opts["hidden"])
-        return DGLHead(clf, *self.weights(info, opts))
+        return ClassifierHead(clf, *self.weights(info, opts))
