@@ -192,13 +192,19 @@ def resolve_engine(cfg: Config, optimizers: list, K: int) -> Config:
 
 def check_image_inputs(cfg: Config, stages: list[int]) -> None:
     """Refuse an engine that does not yet carry the input image to the stages whose loss needs it
-    (``stages``, 0-based; InfoPro's reconstruction): only the sequential engine does (modes
-    ``dgl`` and ``sequential``; ``backprop`` reads the last head only)."""
+    (``stages``, 0-based; InfoPro's reconstruction). Carried by: the sequential engine (modes
+    ``dgl`` and ``sequential``; ``backprop`` reads the last head only) and the pipeline engine's
+    eager ticks (``mode="dgl"``, ``engine="pipeline"``, no graphs). Not yet: async DGL's replay
+    buffers, the streams engine (its eager ticks carry it but are not GPU-tested), CUDA graphs
+    (also emulated), several processes."""
     if not stages or cfg.mode == "backprop" or (cfg.engine == "sequential" and cfg.mode in ("dgl", "sequential")):
         return
+    if cfg.mode == "dgl" and cfg.engine == "pipeline" and not (cfg.cuda_graphs or cfg.emulate_graphs):
+        return
+    graphs = " with CUDA graphs" if cfg.cuda_graphs or cfg.emulate_graphs else ""
     raise ValueError(f"the loss of stages {[j + 1 for j in stages]} needs the input image (rule infopro), which "
-                     f"mode={cfg.mode!r} on engine={cfg.engine!r} does not carry yet; use engine='sequential' with "
-                     "mode='dgl' or 'sequential'")
+                     f"mode={cfg.mode!r} on engine={cfg.engine!r}{graphs} does not carry yet; use engine='sequential' "
+                     "(mode 'dgl' or 'sequential') or engine='pipeline' without cuda_graphs (mode 'dgl')")
 
 
 def resolve_channels_last(cfg: Config, model: torch.nn.Module) -> Config:

@@ -158,7 +158,8 @@ def test_rule_trainer_equals_plain_harness_loop(rule, K, kw):
 
 def test_image_rule_refused_where_the_image_does_not_travel():
     model = models.build("resnet32", local_modules=3, rule="infopro", widths=TINY, in_size=8)
-    for kw in (dict(engine="pipeline"), dict(mode="async")):
+    for kw in (dict(engine="pipeline", cuda_graphs="emulate"), dict(mode="async"),
+               dict(mode="async", schedule="round_robin", buffer_capacity=1, cuda_graphs="emulate")):
         with pytest.raises(ValueError, match="needs the input image"):
             dgl_fast.Trainer(model, **kw)
     tr = dgl_fast.Trainer(model, mode="sequential")  # greedy: the active stage gets the image
@@ -168,10 +169,13 @@ def test_image_rule_refused_where_the_image_does_not_travel():
     assert set(model.heads[0].metrics) == {"ce", "aux"}
 
 
-def test_non_image_rule_pipeline_equals_sequential():
+@pytest.mark.parametrize("rule,kw", [("predsim", dict(hidden_dim=30)), ("infopro", dict(interpolate_mode="nearest"))])
+def test_pipeline_equals_sequential(rule, kw):
+    """The pipeline engine (in turn) equals the sequential one bitwise; InfoPro's image travels
+    with its batch's activations (a wrong batch's image would change every stage's update)."""
     torch.manual_seed(5)
-    model = models.build("resnet32", local_modules=4, rule="predsim", widths=TINY, in_size=8, hidden_dim=30)
-    data = [((torch.rand(4, 3, 8, 8) - MEAN) / STD, torch.randint(0, 10, (4,))) for _ in range(3)]
+    model = models.build("resnet32", local_modules=5, rule=rule, widths=TINY, in_size=8, **kw)
+    data = [((torch.rand(4, 3, 8, 8) - MEAN) / STD, torch.randint(0, 10, (4,))) for _ in range(4)]
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     for m, engine in ((a, "sequential"), (b, "pipeline")):
         tr = dgl_fast.Trainer(m, engine=engine)
