@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import cli_rules
 from .cli_checks import (
     ASYNC_DEFAULTS,
     check_args,
@@ -117,6 +118,7 @@ def _train_parser(sub) -> None:
     a.add_argument("--schedule", default=d["schedule"], choices=["random", "round_robin"])
     a.add_argument("--buffer-dtype", default=d["buffer_dtype"], choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the buffers")
+    cli_rules.add_arguments(p)
 
 
 
@@ -135,6 +137,14 @@ def _load_data(args, device):
 def _build_model(args, spec):
     from . import models  # noqa: PLC0415
 
+    if cli_rules.uses_rule(args):
+        kw = cli_rules.build_kwargs(args, spec)
+        try:
+            return models.build(args.model, num_classes=spec.num_classes, in_size=spec.in_size,
+                                in_channels=spec.in_channels, **kw)
+        except ValueError as exc:
+            raise ValueError(f"argument --rule: cannot build --model {args.model} --rule {kw['rule'] or 'dgl'} for "
+                             f"{spec.in_channels}x{spec.in_size}x{spec.in_size} inputs: {exc}") from exc
     try:
         return models.build(args.model, num_classes=spec.num_classes, block_size=args.block_size,
                             stages=args.stages, aux=args.aux, in_size=spec.in_size, in_channels=spec.in_channels,
@@ -236,7 +246,8 @@ def _train(args) -> int:
 
     n_params = sum(p.numel() for p in model.stages.parameters())
     n_aux = sum(p.numel() for p in model.heads.parameters())
-    print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device} "
+    heads = f"rule={model.rule}" if getattr(model, "rule", None) else f"aux={args.aux}"
+    print(f"dgl_fast: {args.model} K={model.num_stages} {heads} mode={args.mode} on {device} "
           f"(engine {trainer.engine_name}{', CUDA graphs' if trainer.cuda_graphs else ''}"
           f"{', amp ' + args.amp if args.amp else ''}, channels_last "
           f"{'on' if trainer.channels_last else 'off'}{' (auto)' if args.channels_last is None else ''}); "
@@ -264,7 +275,8 @@ def _train(args) -> int:
                 callback=on_epoch)
     final = trainer.evaluate(spec.test)
     summary = {
-        "model": args.model, "mode": args.mode, "aux": args.aux, "stages": model.num_stages, "data": spec.name,
+        "model": args.model, "mode": args.mode, "aux": args.aux, "rule": getattr(model, "rule", None),
+        "stages": model.num_stages, "data": spec.name,
         "epochs_done": trainer.epoch, "test_acc_per_stage": final, "test_acc": final[-1],
         "test_acc_ensemble": trainer.evaluate_ensemble(spec.test),
         "train_time_s": time.perf_counter() - start, "device": str(device), "torch": torch.__version__,

@@ -208,3 +208,59 @@ def test_infopro_defaults_are_run_sh():
     assert [models.build(n, local_modules=2, rule="infopro", widths=TINY, in_size=8).rule_options[k]
             for n in ("resnet32", "resnet110") for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")] == \
         [5.0, 0.05, 0.2, 0.5, 5.0, 0.0, 0.5, 1.0]
+
+
+CLI = ["train", "--model", "resnet32", "--data", "digits", "--epochs", "1", "--batch-size", "256", "--width", "2",
+       "--no-progress", "--lr", "0.02"]
+
+
+def _cli(argv, capsys):
+    from dgl_fast import cli  # noqa: PLC0415
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_trains_a_rule_with_the_harness_option_names(capsys):
+    import argparse  # noqa: PLC0415
+
+    from dgl_fast import cli_rules  # noqa: PLC0415
+
+    code, err = _cli(CLI + ["--local_module_num", "4", "--rule", "infopro", "--ixx_1", "2", "--ixy-2", "0.7"], capsys)
+    assert code == 0, err
+    assert "resnet32 K=4 rule=infopro mode=dgl" in err[0]
+    p = argparse.ArgumentParser()
+    cli_rules.add_arguments(p)
+    ns = p.parse_args(["--local_module_num", "16", "--rule", "auglocal", "--aux_net_depth", "3", "--pyramid",
+                       "--pyramid-coeff", "0.5", "--aux-net-widen", "1.5", "--ixy_1", "0.25"])
+    assert (ns.local_modules, ns.aux_net_depth, ns.pyramid, ns.pyramid_coeff, ns.aux_net_widen, ns.ixy_1) == \
+        (16, 3, True, 0.5, 1.5, 0.25)
+    assert p.parse_args([]).pyramid is None  # unset: the rule's default applies
+
+
+def test_cli_restores_the_loader_image_to_unit_range():
+    from dgl_fast import data  # noqa: PLC0415
+    from dgl_fast.cli_rules import restore_constants  # noqa: PLC0415
+
+    spec = data.load("digits", batch_size=64)
+    mean, std = restore_constants(spec.train, 1)
+    x, _ = next(iter(spec.train))
+    target = x * std[0] + mean[0]
+    assert target.min() >= -1e-6 and target.max() <= 1 + 1e-6 and target.max() > 0.9
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--rule", "dgl", "--aux_net_depth", "2"], "takes options"),
+    (["--rule", "infopro", "--interpolate-mode", "cubic"], "interpolate_mode"),
+    (["--rule", "backprop"], "--mode backprop"),
+    (["--rule", "dgl", "--stages", "2"], "argument --stages"),
+    (["--rule", "predsim", "--ixx_1", "nan"], "ixx_1"),
+    (["--rule", "auglocal", "--local-modules", "3", "--aux-net-depth", "2"], "leaves 1 modules"),
+    (["--rule", "infopro", "--local-modules", "3", "--engine", "pipeline", "--cuda-graphs"], "cuda_graphs"),
+])
+def test_cli_refuses_bad_rule_options(extra, expected, capsys):
+    code, err = _cli(CLI + extra, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
