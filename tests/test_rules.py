@@ -162,6 +162,10 @@ def test_image_rule_refused_where_the_image_does_not_travel():
                dict(mode="async", schedule="round_robin", buffer_capacity=1, cuda_graphs="emulate")):
         with pytest.raises(ValueError, match="needs the input image"):
             dgl_fast.Trainer(model, **kw)
+    from dgl_fast.distributed import DistributedDGL  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="needs the input image"):
+        DistributedDGL(model)
     tr = dgl_fast.Trainer(model, mode="sequential")  # greedy: the active stage gets the image
     x = (torch.rand(4, 3, 8, 8) - MEAN) / STD
     out = tr.step(x, torch.randint(0, 10, (4,)))
@@ -176,9 +180,26 @@ def test_pipeline_equals_sequential(rule, kw):
     torch.manual_seed(5)
     model = models.build("resnet32", local_modules=5, rule=rule, widths=TINY, in_size=8, **kw)
     data = [((torch.rand(4, 3, 8, 8) - MEAN) / STD, torch.randint(0, 10, (4,))) for _ in range(4)]
+    runs = [(copy.deepcopy(model), dict(engine=engine)) for engine in ("sequential", "pipeline")]
+    runs.append((copy.deepcopy(model), dict(engine="pipeline", devices=["cpu", "cpu"], placement=[0, 0, 1, 1, 1])))
+    for m, kw in runs:
+        tr = dgl_fast.Trainer(m, **kw)
+        for x, y in data:
+            tr.step(x, y)
+        tr.flush()
+    for m, kw in runs[1:]:
+        for (k, p), q in zip(runs[0][0].state_dict().items(), m.state_dict().values()):
+            assert torch.equal(p, q), (k, kw)
+
+
+def test_non_image_rule_async_round_robin_capacity_1_equals_sync():
+    torch.manual_seed(6)
+    model = models.build("resnet32", local_modules=4, rule="auglocal", aux_net_depth=1, widths=TINY, in_size=8)
+    data = [((torch.rand(4, 3, 8, 8) - MEAN) / STD, torch.randint(0, 10, (4,))) for _ in range(3)]
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    for m, engine in ((a, "sequential"), (b, "pipeline")):
-        tr = dgl_fast.Trainer(m, engine=engine)
+    for m, kw in ((a, dict(engine="sequential")),
+                  (b, dict(mode="async", schedule="round_robin", buffer_capacity=1, policy="fifo"))):
+        tr = dgl_fast.Trainer(m, **kw)
         for x, y in data:
             tr.step(x, y)
         tr.flush()
