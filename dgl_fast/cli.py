@@ -158,6 +158,10 @@ def _build_model(args, spec):
 
 
 def _lr_schedule(args):
+    if args.cos_lr:
+        if args.lr_step != 15 or args.lr_decay != 0.2:
+            raise ValueError("argument --cos-lr: the cosine schedule replaces --lr-step/--lr-decay; drop them")
+        return cli_rules.harness_cosine(args.lr, args.epochs)
     step, decay = args.lr_step, args.lr_decay
     return lambda e: decay ** (e // step)
 
@@ -204,7 +208,8 @@ def _train(args) -> int:
                          f"{model.num_stages} stages), got stage {max(slowdown)}")
 
     def optimizer(params):
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               nesterov=args.nesterov)
 
     try:
         trainer = Trainer(model, optimizer=optimizer, mode=args.mode, device=device, lr_schedule=_lr_schedule(args),

@@ -69,7 +69,8 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         model = build_model(args, spec)
 
         def optimizer(params):
-            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                   nesterov=args.nesterov)
 
         train_y = getattr(spec.train, "y", None)
         fields = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _AGREED}

@@ -13,7 +13,7 @@ from .cli_checks import nonnegative_float, positive_float, positive_int
 from .local_nets import SPLIT_TABLES
 from .rules import RULES
 
-__all__ = ["add_arguments", "uses_rule", "build_kwargs", "restore_constants"]
+__all__ = ["add_arguments", "uses_rule", "build_kwargs", "restore_constants", "harness_cosine"]
 
 # (harness name, type, help); None type: a flag
 _OPTIONS = [
@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K local modules, cut where the harness cuts (default 16 / 55; 1 for backprop)")
     g.add_argument("--split-table", default=None, choices=SPLIT_TABLES, help="whose split table (default auglocal)")
     g.add_argument("--droprate", type=nonnegative_float, default=None, help="dropout inside the blocks")
+    r = p.add_argument_group("the harness's recipe (AugLocal's run.sh: --nesterov --cos_lr --lr 0.8 --batch-size 1024 "
+                             "--weight-decay 1e-4, --data cifar10 with crop + flip)")
+    r.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum (the harness's optimizer)")
+    r.add_argument("--cos-lr", "--cos_lr", dest="cos_lr", action="store_true",
+                   help="the harness's cosine learning rate: warm-up from 0.01 over the first 10 epochs, then "
+                        "0.5 lr (1 + cos(pi e / epochs)); replaces --lr-step/--lr-decay")
     for name, kind, text in _OPTIONS:
         flags = [f"--{name.replace('_', '-')}", f"--{name}"] if "_" in name else [f"--{name}"]
         if kind is None:
@@ -92,3 +98,19 @@ def restore_constants(loader, channels: int) -> tuple[tuple, tuple]:
         lo, hi = float(raw.min()), float(raw.max())
     span = hi - lo if hi > lo else 1.0
     return tuple((v - lo) / span for v in m), tuple(v / span for v in s)
+
+
+def harness_cosine(lr: float, epochs: int):
+    """The harness's ``adjust_learning_rate`` with ``--cos_lr`` as an ``epoch -> factor`` schedule
+    (epoch counted from 0; the harness calls it with ``epoch + 1``): for e = epoch + 1 <= 10,
+    ``0.5 lr (1 + cos(pi e / E)) (e - 1) / 10 + 0.01 (11 - e) / 10``, then ``0.5 lr (1 + cos(pi e / E))``."""
+    import math  # noqa: PLC0415
+
+    def factor(epoch: int) -> float:
+        e = epoch + 1
+        value = 0.5 * lr * (1 + math.cos(math.pi * e / epochs))
+        if e <= 10:
+            value = value * (e - 1) / 10 + 0.01 * (11 - e) / 10
+        return value / lr
+
+    return factor

@@ -250,9 +250,11 @@ def test_cli_trains_a_rule_with_the_harness_option_names(capsys):
 
     from dgl_fast import cli_rules  # noqa: PLC0415
 
-    code, err = _cli(CLI + ["--local_module_num", "4", "--rule", "infopro", "--ixx_1", "2", "--ixy-2", "0.7"], capsys)
+    code, err = _cli(CLI + ["--local_module_num", "4", "--rule", "infopro", "--ixx_1", "2", "--ixy-2", "0.7",
+                            "--nesterov", "--cos_lr"], capsys)
     assert code == 0, err
     assert "resnet32 K=4 rule=infopro mode=dgl" in err[0]
+    assert any(line.startswith("epoch 1: lr 0.01,") for line in err), err  # the harness's warm start
     p = argparse.ArgumentParser()
     cli_rules.add_arguments(p)
     ns = p.parse_args(["--local_module_num", "16", "--rule", "auglocal", "--aux_net_depth", "3", "--pyramid",
@@ -281,7 +283,22 @@ def test_cli_restores_the_loader_image_to_unit_range():
     (["--rule", "predsim", "--ixx_1", "nan"], "ixx_1"),
     (["--rule", "auglocal", "--local-modules", "3", "--aux-net-depth", "2"], "leaves 1 modules"),
     (["--rule", "infopro", "--local-modules", "3", "--engine", "pipeline", "--cuda-graphs"], "cuda_graphs"),
+    (["--rule", "dgl", "--nesterov", "--momentum", "0"], "Nesterov"),  # reaches torch's SGD
+    (["--rule", "dgl", "--cos_lr", "--lr-step", "3"], "--cos-lr"),
 ])
 def test_cli_refuses_bad_rule_options(extra, expected, capsys):
     code, err = _cli(CLI + extra, capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_harness_cosine_schedule():
+    import math  # noqa: PLC0415
+
+    from dgl_fast.cli_rules import harness_cosine  # noqa: PLC0415
+
+    f = harness_cosine(0.8, 400)
+    lr = [0.8 * f(epoch) for epoch in range(400)]
+    assert abs(lr[0] - 0.01) < 1e-15  # e = 1: 0.01 x 10/10
+    assert abs(lr[9] - (0.4 * (1 + math.cos(math.pi * 10 / 400)) * 0.9 + 0.001)) < 1e-15
+    assert abs(lr[10] - 0.4 * (1 + math.cos(math.pi * 11 / 400))) < 1e-15 and abs(lr[399]) < 1e-15
+    assert all(a > b for a, b in zip(lr[10:], lr[11:]))
