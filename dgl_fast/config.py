@@ -196,7 +196,8 @@ def check_image_inputs(cfg: Config, stages: list[int]) -> None:
     ``dgl`` and ``sequential``; ``backprop`` reads the last head only) and the pipeline engine's
     eager ticks (``mode="dgl"``, ``engine="pipeline"``, no graphs). Not yet: async DGL's replay
     buffers, the streams engine (its eager ticks carry it but are not GPU-tested), CUDA graphs
-    (also emulated), several processes."""
+    (also emulated), several processes (DistributedDGL's stage steps get no image: the first one
+    stops with :func:`dgl_fast.stage.head_loss`'s error)."""
     if not stages or cfg.mode == "backprop" or (cfg.engine == "sequential" and cfg.mode in ("dgl", "sequential")):
         return
     if cfg.mode == "dgl" and cfg.engine == "pipeline" and not (cfg.cuda_graphs or cfg.emulate_graphs):

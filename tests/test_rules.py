@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import dgl_fast
 from dgl_fast import local_nets, models
 from dgl_fast.rules.auglocal import pyramid_depths, sampled_layers
+from dgl_fast.stage import StageStep
 
 # AugLocal's networks/configs.py, network_config['resnet32']['net_config'] as written there
 # ([group, block, layer]); its table for K lists the first K - 1 entries
@@ -162,10 +163,10 @@ def test_image_rule_refused_where_the_image_does_not_travel():
                dict(mode="async", schedule="round_robin", buffer_capacity=1, cuda_graphs="emulate")):
         with pytest.raises(ValueError, match="needs the input image"):
             dgl_fast.Trainer(model, **kw)
-    from dgl_fast.distributed import DistributedDGL  # noqa: PLC0415
-
-    with pytest.raises(ValueError, match="needs the input image"):
-        DistributedDGL(model)
+    step = StageStep(0, model.stages[0], model.heads[0], torch.optim.SGD(model.parameters(), lr=0.1),
+                     torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs the input image for its loss"):  # a step given no image
+        step.step(torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,)))
     tr = dgl_fast.Trainer(model, mode="sequential")  # greedy: the active stage gets the image
     x = (torch.rand(4, 3, 8, 8) - MEAN) / STD
     out = tr.step(x, torch.randint(0, 10, (4,)))

@@ -93,10 +93,6 @@ class DistributedDGL:
                  replicas: int = 1, device="cpu", mode: str = "dgl", timeout: float = 300.0,
                  buffer_capacity: int = 4, policy: str = "priority_lifo", max_reuse: int | None = None,
                  fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, **trainer_kwargs):
-        needing = [j + 1 for j, head in enumerate(model.heads) if getattr(head, "needs_image", False)]
-        if needing:
-            raise ValueError(f"the loss of stages {needing} needs the input image (rule infopro), which DistributedDGL "
-                             "does not send between ranks yet; train it in one process")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedDGL needs torch.distributed initialised (dist.init_process_group)")
         if model.input_shape is None:
