@@ -187,7 +187,7 @@ def balance(model: DecoupledModel, sample_batch, parts: int, *, optimizer=None, 
             for j, step in enumerate(steps):
                 _sync(device)
                 start = clock()
-                h, _, _ = step.step(h, y)
+                h, _, _ = step.step(h, y, x if step.needs_image else None)
                 _sync(device)
                 if r >= warmup:
                     samples[j].append(float(clock()) - start)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import cli_rules
 from .cli_checks import (
     ASYNC_DEFAULTS,
     check_args,
@@ -119,6 +120,7 @@ def _train_parser(sub) -> None:
     a.add_argument("--schedule", default=d["schedule"], choices=["random", "round_robin"])
     a.add_argument("--buffer-dtype", default=d["buffer_dtype"], choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of the buffers")
+    cli_rules.add_arguments(p)
 
 
 
@@ -137,6 +139,14 @@ def _load_data(args, device):
 def _build_model(args, spec):
     from . import models  # noqa: PLC0415
 
+    if cli_rules.uses_rule(args):
+        kw = cli_rules.build_kwargs(args, spec)
+        try:
+            return models.build(args.model, num_classes=spec.num_classes, in_size=spec.in_size,
+                                in_channels=spec.in_channels, **kw)
+        except ValueError as exc:
+            raise ValueError(f"argument --rule: cannot build --model {args.model} --rule {kw['rule'] or 'dgl'} for "
+                             f"{spec.in_channels}x{spec.in_size}x{spec.in_size} inputs: {exc}") from exc
     try:
         return models.build(args.model, num_classes=spec.num_classes, block_size=args.block_size,
                             stages=args.stages, aux=args.aux, in_size=spec.in_size, in_channels=spec.in_channels,
@@ -150,6 +160,10 @@ def _build_model(args, spec):
 
 
 def _lr_schedule(args):
+    if args.cos_lr:
+        if args.lr_step != 15 or args.lr_decay != 0.2:
+            raise ValueError("argument --cos-lr: the cosine schedule replaces --lr-step/--lr-decay; drop them")
+        return cli_rules.harness_cosine(args.lr, args.epochs)
     step, decay = args.lr_step, args.lr_decay
     return lambda e: decay ** (e // step)
 
@@ -196,7 +210,8 @@ def _train(args) -> int:
                          f"{model.num_stages} stages), got stage {max(slowdown)}")
 
     def optimizer(params):
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               nesterov=args.nesterov)
 
     try:
         trainer = Trainer(model, optimizer=optimizer, mode=args.mode, device=device, lr_schedule=_lr_schedule(args),
@@ -226,7 +241,8 @@ def _train(args) -> int:
 
     n_params = sum(p.numel() for p in model.stages.parameters())
     n_aux = sum(p.numel() for p in model.heads.parameters())
-    print(f"dgl_fast: {args.model} K={model.num_stages} aux={args.aux} mode={args.mode} on {device} "
+    heads = f"rule={model.rule}" if getattr(model, "rule", None) else f"aux={args.aux}"
+    print(f"dgl_fast: {args.model} K={model.num_stages} {heads} mode={args.mode} on {device} "
           f"(engine {trainer.engine_name}{', CUDA graphs' if trainer.cuda_graphs else ''}"
           f"{', amp ' + args.amp if args.amp else ''}, channels_last "
           f"{'on' if trainer.channels_last else 'off'}{' (auto)' if args.channels_last is None else ''}); "
@@ -254,7 +270,8 @@ def _train(args) -> int:
                 callback=on_epoch)
     final = trainer.evaluate(spec.test)
     summary = {
-        "model": args.model, "mode": args.mode, "aux": args.aux, "stages": model.num_stages, "data": spec.name,
+        "model": args.model, "mode": args.mode, "aux": args.aux, "rule": getattr(model, "rule", None),
+        "stages": model.num_stages, "data": spec.name,
         "epochs_done": trainer.epoch, "test_acc_per_stage": final, "test_acc": final[-1],
         "test_acc_ensemble": trainer.evaluate_ensemble(spec.test),
         "train_time_s": time.perf_counter() - start, "device": str(device), "torch": torch.__version__,

@@ -73,7 +73,8 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         spec, model = _start(args, device, load_data, build_model)
 
         def optimizer(params):
-            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                   nesterov=args.nesterov)
 
         from .data import fingerprint  # noqa: PLC0415
 

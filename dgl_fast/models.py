@@ -18,6 +18,11 @@ number of layers, the last stage holds the remaining layers (the authors' code d
 
 The ``aux-study`` convolutions carry a bias, as in the authors' code (PyTorch's default there);
 the VGG and ResNet convolutions, followed by BatchNorm as well, have none.
+
+With ``rule=`` or ``local_modules=`` (``resnet32``, ``resnet110`` only), ``build`` makes the network
+of the local-learning harness instead (:mod:`dgl_fast.local_nets`: option-B shortcuts, the
+harness's initialisation, its split tables) with each local module's auxiliary network(s) built
+by the rule (:mod:`dgl_fast.rules`); the last module ends in global average pool + Linear.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .heads import HEAD_KINDS
+from . import local_nets, rules
+from .heads import HEAD_KINDS, AuxHead
 from .model import DecoupledModel
 
 __all__ = ["build", "available"]
@@ -139,8 +145,10 @@ def _chunks(n: int, k: int, what: str) -> list[tuple[int, int]]:
 
 
 def build(name: str, num_classes: int = 10, *, block_size: int | None = None, stages: int | None = None,
-          aux: str = "mlp-sr", in_size: int = 32, in_channels: int = 3, width: int | None = None,
-          depth: int | None = None, hidden: int | None = None, last_head: str | None = None) -> DecoupledModel:
+          aux: str | None = None, in_size: int = 32, in_channels: int = 3, width: int | None = None,
+          depth: int | None = None, hidden: int | None = None, last_head: str | None = None,
+          local_modules: int | None = None, rule: str | None = None, split_table: str = "auglocal",
+          widths: tuple | None = None, droprate: float = 0.0, **rule_options) -> DecoupledModel:
     """Build a paper network split into DGL stages, each with an :class:`AuxHead`.
 
     Args:
@@ -156,7 +164,33 @@ def build(name: str, num_classes: int = 10, *, block_size: int | None = None, st
         depth: number of layers of ``aux-study`` (default 6).
         hidden: hidden width of the heads (default 4C as in the paper).
         last_head: head kind of the last stage (default ``last``; ``linear`` for ResNets).
+        local_modules: K of the harness network (``resnet32``/``resnet110``; default 16 / 55 as in
+            AugLocal's run.sh, 1 for ``backprop``); ``auglocal`` subtracts ``aux_net_depth``.
+        rule: ``dgl``, ``infopro``, ``predsim``, ``auglocal`` or ``backprop`` (default ``dgl``
+            when ``local_modules`` is given): builds the harness network.
+        split_table: ``auglocal`` (default), ``infopro`` or ``infopro-balanced``
+            (:func:`dgl_fast.local_nets.cuts`).
+        widths: the harness network's (stem, group 1, 2, 3) widths (default (16, 16, 32, 64);
+            ``width=w`` gives (w, w, 2w, 4w)).
+        droprate: dropout inside the harness's blocks (default 0).
+        rule_options: the rule's options, named as the harness names them (``ixx_1``,
+            ``aux_net_config``, ``aux_net_depth``, ...; see each rule's module).
     """
+    if rule is not None or local_modules is not None or rule_options:
+        given = [k for k, v in (("block_size", block_size), ("stages", stages), ("aux", aux), ("depth", depth),
+                                ("last_head", last_head)) if v is not None]
+        if given:
+            raise ValueError(f"the harness network (rule=, local_modules=) is cut by local_modules and its heads are "
+                             f"the rule's; drop {', '.join(given)} (rule 'dgl' takes aux_net_config=)")
+        if hidden is not None:  # rule 'dgl' with a dgl_fast head kind
+            rule_options = {**rule_options, "hidden": hidden}
+        if widths is None:
+            widths = (width, width, 2 * width, 4 * width) if width is not None else (16, 16, 32, 64)
+        elif width is not None:
+            raise ValueError("give either width or widths, not both")
+        return _build_local(name, num_classes, local_modules, rule or "dgl", split_table, in_size, in_channels,
+                            tuple(widths), droprate, rule_options)
+    aux = aux or "mlp-sr"
     if name not in available():
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(available())}")
     if aux not in HEAD_KINDS:
@@ -202,3 +236,47 @@ def build(name: str, num_classes: int = 10, *, block_size: int | None = None, st
     model.stages = nn.ModuleList([s[0] for s in model.stages])
     return model
 
+
+
+def _side(in_size: int, group: int) -> int:
+    for _ in range(max(0, group - 1)):  # groups 2 and 3 start with a stride-2 conv: ceil(s / 2)
+        in_size = (in_size + 1) // 2
+    return in_size
+
+
+def _build_local(name, num_classes, local_modules, rule_name, split_table, in_size, in_channels, widths, droprate,
+                 rule_options) -> DecoupledModel:
+    if name not in local_nets.HARNESS_NETS:
+        raise ValueError(f"rule=/local_modules= build the harness's {', '.join(local_nets.HARNESS_NETS)}; got {name!r}")
+    rule = rules.get_rule(rule_name)
+    opts = rule.resolve(dict(rule_options), name)
+    if rule_name == "auglocal" and split_table != "auglocal":
+        raise ValueError(f"rule 'auglocal' samples its layers along the 'auglocal' split table, got {split_table!r}")
+    if local_modules is None:
+        local_modules = 1 if rule_name == "backprop" else {"resnet32": 16, "resnet110": 55}[name]
+    if not isinstance(local_modules, int) or isinstance(local_modules, bool) or local_modules < 1:
+        raise ValueError(f"local_modules must be a positive int, got {local_modules!r}")
+    if not isinstance(droprate, (int, float)) or not 0 <= droprate < 1:
+        raise ValueError(f"droprate must be in [0, 1), got {droprate!r}")
+    K = rule.local_modules(local_modules, opts)
+    layers = local_nets.harness_layers(name, in_channels, widths, float(droprate))
+    ids = local_nets.layer_ids(name)
+    groups = local_nets.module_layers(name, K, split_table)
+    dims = tuple(local_nets.net_dim(name, widths))
+    stages = [nn.Sequential(*[layers[ids.index(layer)] for layer in grp]) for grp in groups]
+    heads = []
+    for j, grp in enumerate(groups):
+        last = ids.index(grp[-1])
+        g = grp[-1][0]
+        side = _side(in_size, g)
+        if j == K - 1:
+            heads.append(AuxHead(dims[last], (side, side), num_classes, kind="linear"))
+            continue
+        info = rules.ModuleInfo(j, K - 1, dims[last], (side, side), last, g, dims, widths,
+                                (in_channels, in_size, in_size), num_classes)
+        heads.append(rule.make_head(info, opts))
+    local_nets.harness_init(nn.ModuleList([*stages, *heads]))
+    model = DecoupledModel(stages, heads, input_shape=(in_channels, in_size, in_size))
+    #: the rule, its resolved options, each module's harness layers
+    model.rule, model.rule_options, model.module_layers = rule_name, opts, groups
+    return model

@@ -32,9 +32,17 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of ``head`` on ``h`` and its number of correct predictions (fused op)."""
-    if isinstance(head, AuxHead):
+def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor,
+              image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local loss of ``head`` on ``h`` and its number of correct predictions: the head's own
+    ``loss`` (an :class:`AuxHead`'s fused cross-entropy, a rule's local loss, given ``image`` when
+    the head ``needs_image``), else the mean cross-entropy of its logits (fused op)."""
+    if getattr(head, "needs_image", False):
+        if image is None:
+            raise ValueError(f"the head ({type(head).__name__}) needs the input image for its loss; "
+                             "this stage step was given none")
+        return head.loss(h, y, image)
+    if isinstance(head, AuxHead) or callable(getattr(head, "loss", None)):
         return head.loss(h, y)
     return ops.softmax_xent(head(h), y)
 
@@ -83,19 +91,22 @@ class StageStep(_Precision):
                  device: torch.device, amp: torch.dtype | None = None, scaler=None):
         super().__init__(device, amp, scaler, (stage, head))
         self.index, self.stage, self.head, self.optimizer = index, stage, head, optimizer
+        #: the head's loss needs the network's input image (InfoPro): pass it as ``image``
+        self.needs_image = bool(getattr(head, "needs_image", False))
 
-    def forward_loss(self, h_in: torch.Tensor, y: torch.Tensor):
-        """Stage forward and head loss under autocast: ``(h, loss, correct)``, ``h`` attached."""
+    def forward_loss(self, h_in: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None = None):
+        """Stage forward and head loss under autocast: ``(h, loss, correct)``, ``h`` attached.
+        ``image``: the input batch, for a head that ``needs_image``."""
         with self.autocast():
             h = self.stage(h_in.detach())
-            loss, correct = head_loss(self.head, h, y)
+            loss, correct = head_loss(self.head, h, y, image)
         return h, loss, correct
 
-    def step(self, h_in: torch.Tensor, y: torch.Tensor):
+    def step(self, h_in: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None = None):
         """One optimizer step on input ``h_in``. Returns ``(h_out, loss, correct)``: ``h_out``
         detached (the hand-off to the next stage), ``loss`` a float32 scalar, ``correct`` int64."""
         begun = self.guard.begin()
-        h, loss, correct = self.forward_loss(h_in, y)
+        h, loss, correct = self.forward_loss(h_in, y, image)
         self.backward_step(loss, self.optimizer, begun)
         return h.detach(), loss.detach().float(), correct
 

@@ -15,6 +15,11 @@ stage j writes ``out[j][b % 2]`` for batch b while stage j + 1 reads ``out[j][(b
 stage j at tick t also waits for stage j + 1 at tick t - 1 (the reader of the buffer it is about
 to overwrite). Metrics accumulate on the device, in the graphs themselves.
 
+A rule whose loss needs the network's input (InfoPro's reconstruction, ``step.needs_image``)
+gets it from eager ticks: each batch in flight carries its input image with its activations, and
+stage j receives the image of the batch it trains on (handed to its device). Graph ticks do not
+carry it yet (the trainer refuses graphs for such rules).
+
 Stages on several devices (``steps[j].device``, one process): stage j's stream lives on its
 device and its graphs are captured there. At a group boundary (``placement``) the activations and
 labels cross with non-blocking copies made in the receiving stage's stream context after it
@@ -93,7 +98,9 @@ class PipelinedSchedule(Schedule):
         self.streams = [torch.cuda.Stream(d) for d in self.stage_devices] if streams else None
         self.use_graphs = graphs
         self.warmup = warmup
-        self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch) waiting for stage j
+        self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch, image) waiting for stage j
+        #: some stage's loss needs the input image: eager ticks carry it with the activations
+        self.carries_image = any(getattr(s, "needs_image", False) for s in steps)
         self.next_batch = 0  # index of the next batch fed
         self.ticks = 0
         self.done = [None] * self.K  # event: stage j finished its last tick
@@ -170,7 +177,7 @@ class PipelinedSchedule(Schedule):
         for j in reversed(range(self.K)):  # any order is valid: a tick's stages are independent
             if inputs[j] is None:
                 continue
-            h_in, y, b = inputs[j]
+            h_in, y, b, image = inputs[j]
             stream = self._stream(j)
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
@@ -180,8 +187,13 @@ class PipelinedSchedule(Schedule):
                     h_in.record_stream(stream)
                     y.record_stream(stream)
                 h_in, y = hand_off(h_in, dev), hand_off(y, dev)  # a copy made (and allocated) on this stream
+                own = None
+                if image is not None and self.steps[j].needs_image:
+                    if stream is not None and image.device == dev:
+                        image.record_stream(stream)
+                    own = hand_off(image, dev)
                 start = self._trace_start(j)
-                h_out, loss, correct = self.steps[j].step(h_in, y)
+                h_out, loss, correct = self.steps[j].step(h_in, y, own)
                 skipped = self.steps[j].skipped
                 self.metrics.add(j, loss, correct, y.shape[0], skipped=skipped)
                 self._record_done(j)
@@ -190,7 +202,7 @@ class PipelinedSchedule(Schedule):
                 for t in (loss, correct, skipped):
                     t.record_stream(torch.cuda.current_stream(t.device))
             if j + 1 < self.K:
-                nxt[j + 1] = (h_out, y, b)
+                nxt[j + 1] = (h_out, y, b, image)
             batches[j], samples[j] = b, y.shape[0]
             losses[j], hits[j], skips[j] = loss, correct, skipped
             self.counts[j] += 1
@@ -307,20 +319,20 @@ class PipelinedSchedule(Schedule):
         b = self.next_batch
         self.next_batch += 1
         if not self.use_graphs:
-            return self._eager_tick((x, y, b))
+            return self._eager_tick((x, y, b, x if self.carries_image else None))
         if self.graph_state is not None and tuple(x.shape) != self._graph_shape:
             # a partial or re-shaped batch: drain, then run it through the eager pipeline
             self._drain_all()
             self._eager_ticks = 0
             if tuple(x.shape)[0] < self._graph_shape[0]:
-                res = self._eager_tick((x, y, b))
+                res = self._eager_tick((x, y, b, None))
                 self._drain_all()
                 return res
             self._drop_graphs()
         if self.graph_state is None:
             if self._eager_ticks < self.warmup:
                 self._eager_ticks += 1
-                return self._eager_tick((x, y, b))
+                return self._eager_tick((x, y, b, None))
             self._drain_all()
             self._capture(x, y)
         return self._graph_tick((x, y, b))

@@ -34,7 +34,8 @@ class SequentialSchedule(Schedule):
             h, y_j = x, y
             for j, step in enumerate(self.steps):
                 h, y_j = hand_off(h, step.device), hand_off(y_j, step.device)
-                h, losses[j], correct[j] = step.step(h, y_j)
+                image = hand_off(x, step.device) if step.needs_image else None  # InfoPro's target
+                h, losses[j], correct[j] = step.step(h, y_j, image)
                 skipped[j] = step.skipped
         elif self.mode == "sequential":
             j = self.active_stage
@@ -44,7 +45,8 @@ class SequentialSchedule(Schedule):
                     with step.autocast():
                         h = step.stage(hand_off(h, step.device))
             dev = self.steps[j].device
-            _, losses[j], correct[j] = self.steps[j].step(hand_off(h, dev), hand_off(y, dev))
+            image = hand_off(x, dev) if self.steps[j].needs_image else None
+            _, losses[j], correct[j] = self.steps[j].step(hand_off(h, dev), hand_off(y, dev), image)
             skipped[j] = self.steps[j].skipped
         else:  # backprop
             losses[K - 1], correct[K - 1] = self.backprop_step.step(x, y)
