@@ -180,7 +180,7 @@ def probe_heads(stages: Sequence[nn.Module], x: torch.Tensor, aux: str, num_clas
                              f"{' (the last stage may end in logits [B, classes])' if j < K - 1 else ' or logits'}")
         else:
             heads.append(AuxHead(shape[1], shape[2:], num_classes, kind=last_head if j == K - 1 else aux, hidden=hidden))
-    return [h.to(x.device) for h in heads]
+    return [h.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None) for h in heads]
 
 
 def export_names(original: nn.Module, stages: Sequence[nn.Module]) -> tuple[list[tuple[str, str]], dict]:

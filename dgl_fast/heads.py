@@ -230,3 +230,7 @@ class LogitsHead(nn.Module):
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of the logits ``x`` and the number of correct predictions."""
         return ops.softmax_xent(self(x), labels)
+
+    def to_reference(self) -> nn.Module:
+        """The plain-PyTorch head computing the same function: ``nn.Identity()``."""
+        return nn.Identity()
