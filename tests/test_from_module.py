@@ -4,15 +4,18 @@ the same RNG), DGL training on it equals a plain per-stage loop, the trained wei
 the original (strict), it trains on every CPU engine, and what cannot be cut is refused by name."""
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from test_distributed import _spawn, one_thread
 
 import dgl_fast
 from dgl_fast import DecoupledModel, LogitsHead, Trainer
+from dgl_fast.distributed import DistributedDGL
 from dgl_fast.streams import RecordedStreams
 from helpers import assert_same_state, plain_dgl, sgd
 
@@ -263,3 +266,25 @@ def test_refusals_name_the_split():
         DecoupledModel([nn.Identity()], [nn.Identity()]).export_state_dict()
     with pytest.raises(ValueError, match=r"LogitsHead expected logits of shape \[B, 5\], got \[2, 4\]"):
         LogitsHead(5)(torch.randn(2, 4))
+
+
+def _distributed_worker(rank, world, out):
+    net = _cut("custom-no-dropout", seed=5)[0]  # the same weights on every rank
+    ddgl = DistributedDGL(net, optimizer=sgd, placement=[0, 0, 1, 1], timeout=30)
+    ddgl.fit(_engine_data() if ddgl.feeds else None, epochs=1)
+    state = ddgl.full_state_dict()
+    if rank == 0:
+        torch.save(state, os.path.join(out, "state.pt"))
+
+
+def test_two_ranks_train_the_cut_model_like_one_process(tmp_path):
+    _spawn(_distributed_worker, 2, str(tmp_path))
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    net = _cut("custom-no-dropout", seed=5)[0]
+    tr = Trainer(net, optimizer=sgd, engine="sequential", channels_last=False)
+    with one_thread():
+        tr.fit(_engine_data(), epochs=1, progress=False)
+    expected = tr.model.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
