@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from test_distributed import _spawn, one_thread
 
 import dgl_fast
@@ -47,7 +46,15 @@ class Custom(nn.Module):
         return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)))
 
 
+def _resnet18(classes):
+    import torchvision  # noqa: PLC0415 (here, not at the top: the distributed test's ranks import this file)
+
+    return torchvision.models.resnet18(num_classes=classes)
+
+
 def _vgg11_bn(classes):
+    import torchvision  # noqa: PLC0415
+
     with torch.device("meta"):  # its 4096-wide classifier (120M parameters) is never allocated
         m = torchvision.models.vgg11_bn(num_classes=classes)
     m.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -60,7 +67,7 @@ def _vgg11_bn(classes):
 
 
 MODELS = {  # name -> (constructor, split, input size)
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=5), ["layer2", "layer3", "layer4"], 19),
+    "resnet18": (lambda: _resnet18(5), ["layer2", "layer3", "layer4"], 19),
     "vgg11_bn": (lambda: _vgg11_bn(5), ["features.4", "features.8", "features.15"], 32),
     "custom": (Custom, ["block1", "down", "block2"], 9),
     "custom-no-dropout": (lambda: Custom(p=0), ["block1", "down", "block2"], 9),  # engines order RNG draws apart
@@ -234,6 +241,11 @@ class Twice(nn.Module):
         return self.conv(self.mid(self.conv(x)))
 
 
+class DataDependent(Custom):
+    def forward(self, x):
+        return super().forward(x if x.sum() > 0 else -x)
+
+
 class ModeInForward(Custom):
     def forward(self, x):
         h = super().forward(x)
@@ -258,6 +270,8 @@ def test_refusals_name_the_split():
         DecoupledModel.from_module(Custom(), split=["stem"], example_input=x)
     with pytest.raises(ValueError, match=r"ModeInForward.forward computes differently in train and eval mode"):
         DecoupledModel.from_module(ModeInForward(), split=["down"], example_input=x)
+    with pytest.raises(ValueError, match=r"torch.fx.symbolic_trace, which fails on DataDependent: symbolically traced"):
+        DecoupledModel.from_module(DataDependent(), split=["down"], example_input=x)
     with pytest.raises(ValueError, match=r"split must be a non-empty list of submodule names"):
         DecoupledModel.from_module(Custom(), split="down", example_input=x)
     with pytest.raises(ValueError, match=r"example_input must be a batch tensor \[B, \.\.\.\]"):
