@@ -60,7 +60,8 @@ def cut_module(model: nn.Module, split: Sequence[str]) -> list[fx.GraphModule]:
     """``model`` cut before each submodule named in ``split`` (in the order ``forward`` calls
     them): K = len(split) + 1 ``GraphModule`` stages sharing ``model``'s layers, stage j's output
     the one tensor stage j+1 reads. Raises a ValueError naming the split when more than one value
-    (a skip connection) or a parameterised layer spans it."""
+    (a skip connection) or a parameter or buffer (a layer called on both sides, tied weights)
+    spans it."""
     if isinstance(split, str) or not all(isinstance(s, str) and s for s in split) or len(split) == 0:
         raise ValueError(f"split must be a non-empty list of submodule names, e.g. ['layer2', 'layer3'], got {split!r}")
     names = dict(model.named_modules())
@@ -99,7 +100,6 @@ def cut_module(model: nn.Module, split: Sequence[str]) -> list[fx.GraphModule]:
     if not isinstance(out_node.args[0], fx.Node):
         raise ValueError(f"from_module needs a forward that returns one tensor, {type(model).__name__}.forward "
                          f"returns {type(out_node.args[0]).__name__}")
-    _check_layers(model, body, seg, split)
     crossing = []
     for b, (s, _) in enumerate(starts, start=1):
         live = [n for n in [inputs[0], *body] if seg[n] < b and any(seg[u] >= b for u in n.users)]
@@ -118,22 +118,21 @@ def cut_module(model: nn.Module, split: Sequence[str]) -> list[fx.GraphModule]:
         g.output(env[crossing[j]] if j < len(crossing) else env[out_node.args[0]])
         g.lint()
         stages.append(fx.GraphModule(gm, g, class_name=f"{type(model).__name__}Stage{j}"))
+    _check_disjoint(stages, split)
     return stages
 
 
-def _check_layers(model: nn.Module, body: list, seg: dict, split: Sequence[str]) -> None:
-    """Refuse a parameterised layer (or parameter) that two stages would use: two optimizers."""
-    first: dict = {}
-    for n in body:
-        if n.op not in ("call_module", "get_attr"):
-            continue
-        owner = model.get_submodule(n.target) if n.op == "call_module" else None
-        if owner is not None and next(owner.parameters(), None) is None and next(owner.buffers(), None) is None:
-            continue
-        j = first.setdefault(n.target, seg[n])
-        if j != seg[n]:
-            raise ValueError(f"split {split[j]!r}: {n.target!r} is used on both sides of it (shared weights across "
-                             "a split); cut elsewhere")
+def _check_disjoint(stages: list[nn.Module], split: Sequence[str]) -> None:
+    """Refuse a tensor (a parameter, a buffer: a layer called twice, tied weights) that two stages
+    would hold: two optimizers would step it, two devices would want it."""
+    first: dict[int, tuple[int, str]] = {}
+    for j, stage in enumerate(stages):
+        for name, t in [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]:
+            i, was = first.setdefault(id(t), (j, name))
+            if i != j:
+                also = f" (as {name!r} after it)" if name != was else ""
+                raise ValueError(f"split {split[i]!r}: {was!r} is used on both sides of it{also}: weights shared across "
+                                 "a split; cut elsewhere")
 
 
 def probe_heads(stages: Sequence[nn.Module], x: torch.Tensor, aux: str, num_classes: int | None, last_head: str,

@@ -260,8 +260,12 @@ def test_refusals_name_the_split():
     assert net.num_stages == 3
     with pytest.raises(ValueError, match=r"split 'block1.conv2': 2 values cross it .*skip connection"):
         DecoupledModel.from_module(Custom(), split=["block1.conv2"], example_input=x)
-    with pytest.raises(ValueError, match=r"split 'mid': 'conv' is used on both sides of it"):
+    with pytest.raises(ValueError, match=r"split 'mid': 'conv.weight' is used on both sides of it"):
         DecoupledModel.from_module(Twice(), split=["mid"], example_input=x)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"split '1': '0.weight' is used on both sides of it"):
+        DecoupledModel.from_module(tied, split=["1"], example_input=torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"split names 'layer9', not a submodule of Custom \(its children: stem, "):
         DecoupledModel.from_module(Custom(), split=["layer9"], example_input=x)
     with pytest.raises(ValueError, match=r"in the order forward calls them: 'block1' runs before 'down'"):
