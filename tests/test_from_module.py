@@ -67,8 +67,8 @@ def _vgg11_bn(classes):
 
 
 MODELS = {  # name -> (constructor, split, input size)
-    "resnet18": (lambda: _resnet18(5), ["layer2", "layer3", "layer4"], 19),
-    "vgg11_bn": (lambda: _vgg11_bn(5), ["features.4", "features.8", "features.15"], 32),
+    "resnet18": (lambda: _resnet18(5), ["layer3", "layer4"], 19),  # cut at 2, 4 and 3 points
+    "vgg11_bn": (lambda: _vgg11_bn(5), ["features.4", "features.8", "features.15", "features.22"], 32),
     "custom": (Custom, ["block1", "down", "block2"], 9),
     "custom-no-dropout": (lambda: Custom(p=0), ["block1", "down", "block2"], 9),  # engines order RNG draws apart
 }
