@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["AuxHead", "HEAD_KINDS"]
+__all__ = ["AuxHead", "LogitsHead", "HEAD_KINDS"]
 
 #: Kinds computed by the fused ops (aux_pool, linear_bn_relu, bn_update_stats); the others run as
 #: plain PyTorch modules.
@@ -204,3 +204,33 @@ class AuxHead(nn.Module):
     def to_reference(self) -> nn.Sequential:
         """A plain ``nn.Sequential`` computing the same function with the same (shared) modules."""
         return nn.Sequential(*self.layers)
+
+
+class LogitsHead(nn.Module):
+    """The last head of a stage that ends in the model's own classifier: the stage's output is
+    already the logits ``[B, num_classes]``, so the head adds nothing (it returns its input, after
+    checking its shape) and its loss is the fused cross-entropy on that output. It has no
+    parameters: the classifier is trained as part of the last stage, by that stage's optimizer,
+    under every engine, in end-to-end backprop and in evaluation alike."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_classes:
+            raise ValueError(f"LogitsHead expected logits of shape [B, {self.num_classes}], got {list(x.shape)}")
+        return x
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of the logits ``x`` and the number of correct predictions."""
+        return ops.softmax_xent(self(x), labels)
+
+    def to_reference(self) -> nn.Module:
+        """The plain-PyTorch head computing the same function: ``nn.Identity()``."""
+        return nn.Identity()

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .heads import AuxHead
+from .cutting import cut_module, export_names, probe_heads
+from .heads import AuxHead, LogitsHead
 
 __all__ = ["DecoupledModel"]
 
@@ -64,9 +65,9 @@ class DecoupledModel(nn.Module):
 
     @property
     def num_classes(self) -> int | None:
-        """Classes of the last head when it is an :class:`AuxHead`, else None."""
+        """Classes of the last head when it is an :class:`AuxHead` or a :class:`LogitsHead`, else None."""
         head = self.heads[-1]
-        return head.num_classes if isinstance(head, AuxHead) else None
+        return head.num_classes if isinstance(head, AuxHead | LogitsHead) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -117,6 +118,56 @@ class DecoupledModel(nn.Module):
                 m.training = t
         return shapes
 
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The stages' weights under the names of the model they were cut from
+        (:meth:`from_module`, :meth:`from_sequential`): ``original.load_state_dict(net.export_state_dict())``
+        loads with ``strict=True``. Heads are not included (the original has none; a
+        :class:`LogitsHead` is the original's own classifier, inside the last stage)."""
+        names = getattr(self, "_export_names", None)
+        if names is None:
+            raise ValueError("export_state_dict needs a model made by DecoupledModel.from_module or from_sequential, "
+                             "which know the original names")
+        pairs, extra = names
+        state = self.state_dict()
+        out = {orig: state[key] for key, orig in pairs}
+        out.update({k: v.clone() for k, v in extra.items()})
+        return out
+
+    @classmethod
+    def _cut(cls, original: nn.Module, stages: list[nn.Module], x: torch.Tensor, aux: str, num_classes: int | None,
+             last_head: str, hidden: int | None, where: str = "") -> DecoupledModel:
+        heads = probe_heads(stages, x, aux, num_classes, last_head, hidden, where)
+        net = cls(stages, heads, input_shape=tuple(x.shape[1:]))
+        net._export_names = export_names(original, stages)
+        return net
+
+    @classmethod
+    def from_module(cls, model: nn.Module, split: Sequence[str], example_input: torch.Tensor, aux: str = "mlp-sr",
+                    num_classes: int | None = None, last_head: str = "last", hidden: int | None = None) -> DecoupledModel:
+        """Cut ``model`` (any module ``torch.fx.symbolic_trace`` can trace: torchvision's, timm's,
+        one with its own ``forward``) before each submodule named in ``split``, e.g.
+        ``split=["layer2", "layer3", "layer4"]`` for a torchvision ResNet: K = len(split) + 1 stages.
+
+        The stages share ``model``'s layers (the same module objects, so ``train()``/``eval()``
+        switch BatchNorm and dropout as in the original, and in eval mode ``net(x)`` equals
+        ``model(x)`` bitwise); :meth:`export_state_dict` gives the weights under ``model``'s names.
+        Stages 1..K-1 get an :class:`AuxHead` of kind ``aux`` sized by a probe on ``example_input``
+        (a batch, eval mode, no gradient). When the last stage ends in logits ``[B, num_classes]``
+        (the model's own classifier) its head is a :class:`LogitsHead` (cross-entropy on that
+        output, nothing added; ``num_classes=None`` takes that width); otherwise it gets an
+        ``AuxHead`` of kind ``last_head``. Refused, with a message naming the split: a value other
+        than the one hand-off tensor crossing a split (a skip connection), a parameterised layer
+        used on both sides of one, a ``forward`` that computes differently in eval mode outside
+        ``torch.nn`` layers (it reads ``self.training``; a traced graph would freeze it). Why fx
+        and not ``torch.export``: see :mod:`dgl_fast.cutting`.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"from_module expects an nn.Module, got {type(model).__name__}")
+        if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+            given = list(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+            raise ValueError(f"example_input must be a batch tensor [B, ...], e.g. torch.randn(2, 3, 32, 32), got {given}")
+        return cls._cut(model, cut_module(model, split), example_input, aux, num_classes, last_head, hidden)
+
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, split: Sequence[int], aux: str = "mlp-sr", num_classes: int = 10,
                         input_shape: Sequence[int] = (3, 32, 32), last_head: str = "last",
@@ -124,8 +175,11 @@ class DecoupledModel(nn.Module):
         """Cut ``seq`` before each index in ``split`` and give every piece an :class:`AuxHead`.
 
         ``split=[3, 7]`` makes stages ``seq[0:3]``, ``seq[3:7]``, ``seq[7:]``. Each head's channels
-        and size are inferred by a shape probe at ``input_shape``; the last stage gets a
-        ``last_head`` head. Modules are shared with ``seq``, not copied.
+        and size are inferred by a shape probe at ``input_shape``. A ``seq`` that ends in its own
+        classifier (logits ``[B, num_classes]``, e.g. ``..., AdaptiveAvgPool2d(1), Flatten(),
+        Linear(C, 10)``) keeps it as the final head (a :class:`LogitsHead`: cross-entropy on its
+        output, nothing added); otherwise the last stage gets a ``last_head`` head. Modules are
+        shared with ``seq``, not copied; :meth:`export_state_dict` gives ``seq``'s names back.
         """
         if not isinstance(seq, nn.Sequential):
             raise TypeError(f"from_sequential expects an nn.Sequential, got {type(seq).__name__}")
@@ -138,27 +192,5 @@ class DecoupledModel(nn.Module):
             if not a < b:
                 raise ValueError(f"split must be strictly increasing indices in (0, {n}), got {split}")
         stages = [nn.Sequential(*[seq[i] for i in range(a, b)]) for a, b in zip(bounds, bounds[1:])]
-        heads = []
-        probe = DecoupledModel(stages, [nn.Identity() for _ in stages])
-        was_training = [m.training for m in probe.modules()]
-        probe.eval()
-        try:
-            with torch.no_grad():
-                x = _probe_input(input_shape, probe)
-                for j, stage in enumerate(stages):
-                    try:
-                        x = stage(x)
-                    except (RuntimeError, ValueError) as exc:
-                        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                        raise ValueError(f"stage {j} fails on input of shape {list(x.shape)} (input_shape="
-                                         f"{tuple(input_shape)}): {first}") from exc
-                    if x.dim() != 4:
-                        raise ValueError(f"stage {j} outputs shape {list(x.shape)}; an AuxHead needs [B, C, H, W]")
-                    kind = last_head if j == len(stages) - 1 else aux
-                    heads.append(AuxHead(x.shape[1], tuple(x.shape[2:]), num_classes, kind=kind, hidden=hidden))
-        finally:
-            for m, t in zip(probe.modules(), was_training):
-                m.training = t
-        device = next(iter(seq.parameters()), torch.empty(0)).device
-        heads = [h.to(device) for h in heads]
-        return cls(stages, heads, input_shape=input_shape)
+        x = _probe_input(input_shape, seq)
+        return cls._cut(seq, stages, x, aux, num_classes, last_head, hidden, f" (input_shape={tuple(input_shape)})")

@@ -24,6 +24,7 @@ README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 EXAMPLE_SIZES = {
     "width=64": "width=8",
     "epochs=5": "epochs=1",
+    "torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))": "torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))",
 }
 
 
@@ -36,24 +37,40 @@ def test_readme_has_examples_and_calls():
     assert len(_documented_calls()) >= 10
 
 
+def test_every_example_size_is_used():
+    for old in EXAMPLE_SIZES:  # a changed example fails here rather than running at full size
+        assert any(old in code for code in _python_blocks()), f"no README example contains {old!r}: update EXAMPLE_SIZES"
+
+
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_python_example_runs(index, tmp_path, monkeypatch):
     code = _python_blocks()[index]
     for old, new in EXAMPLE_SIZES.items():
-        if index == 0:
-            assert old in code, f"the README's first example no longer contains {old!r}: update EXAMPLE_SIZES"
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)  # files it writes (dgl.pt) land in a temporary folder
     torch.manual_seed(0)
     namespace: dict = {}
     exec(compile(code, f"README.md python example {index + 1}", "exec"), namespace)  # noqa: S102
-    if index == 0:  # the API example: what it promises about its results
+    if "trainer.save(" in code:  # the API example: what it promises about its results
         K = len(namespace["net"].stages)
         out = namespace["out"]
         assert out.losses.shape == (K,) and out.correct.shape == (K,)
         assert len(namespace["acc"]) == K and all(0.0 <= a <= 1.0 or 0.0 <= a <= 100.0 for a in namespace["acc"])
         assert os.path.isfile(tmp_path / "dgl.pt")
         assert namespace["logits"].shape == (namespace["x"].shape[0], 10)
+    if "from_module(" in code:  # your own model: its classifier is the last head, the weights go back
+        net, fresh, x = namespace["net"], namespace["fresh"], namespace["x"]
+        if namespace["trainer"].channels_last:  # the trainer's layout (auto: on x86 CPUs), for bitwise outputs
+            fresh = fresh.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x[:3]), net.eval()(x[:3]))
+        assert isinstance(net.heads[-1], dgl_fast.LogitsHead) and len(namespace["acc"]) == net.num_stages == 4
+        trained = namespace["model"].state_dict()  # the layers net trained are model's own
+        assert fresh.state_dict().keys() == trained.keys()
+        assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+        torch.manual_seed(0)  # the example's first draw: the model's initial weights
+        initial = namespace["torchvision"].models.resnet18(num_classes=10).state_dict()
+        assert not torch.equal(trained["conv1.weight"], initial["conv1.weight"])  # trained, and exported
 
 
 # ----------------------------------------------------------------------------- call signatures
