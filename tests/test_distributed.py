@@ -251,7 +251,8 @@ def _resume_worker(rank, world, out):
     # all or nothing: another grid, then one rank's file changed -> every rank refuses, nothing loaded
     other = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 1, 1],
                            timeout=30)
-    with pytest.raises(CheckpointError, match=r"saved with placement \[0, 0, 1\], this run has \[0, 1, 1\]"):
+    with pytest.raises(CheckpointError, match=r"made on 2 stage groups x 1 replicas \(2 ranks, placement \[0, 0, 1\]\), "
+                       r"this launch has 2 stage groups x 1 replicas \(2 ranks, placement \[0, 1, 1\]\)"):
         other.load(ckpt)
     dist.barrier()
     if rank == 1:
