@@ -118,14 +118,14 @@ def test_a_rank_failing_its_start_up_is_named_by_every_rank(tmp_path):
     timeout = 20
     args = [x for x in SMALL if x not in ("--data", "synthetic")] + ["--data", "imagefolder", "--timeout", str(timeout)]
     per_rank = [args + ["--data-dir", _image_tree(tmp_path / "tree", 0)], args + ["--data-dir", str(tmp_path / "none")]]
-    start = time.monotonic()
-    results = wait_all(launch(per_rank), timeout=120)
+    # a hang fails at wait_all's bound (10 x --timeout); no wall-clock assertion (machine noise): rank 0
+    # naming rank 1's own reason shows it heard of the failure rather than timing out
+    results = wait_all(launch(per_rank), timeout=10 * timeout)
     for rank, (rc, _, err) in enumerate(results):  # before: rank 0 waited, then a raw DistStoreError
         assert rc == 2, err[-2000:]
         line = err.strip().splitlines()[-1]
         assert line.startswith(f"error: rank {rank}: rank 1 failed its start-up: imagefolder expects "
                                f"{tmp_path / 'none' / 'train'}/<class>/<image> folders"), line
-    assert time.monotonic() - start < 90  # process start-up on a loaded machine; the check itself waits < --timeout
 
 
 def wait_for(proc_err_path, text, timeout):
