@@ -161,17 +161,21 @@ def check_isolation(trainer, x: torch.Tensor, y: torch.Tensor, strict: bool = Tr
     parameters (its stage's and its auxiliary networks') and that nothing it hands on requires
     a gradient (see the module docstring for how).
 
-    Runs on a deep copy of ``trainer``'s model, stage steps and optimizers: the trainer's
-    parameters, optimizer state, BatchNorm statistics, counters and RNG state do not change.
+    Runs on a deep copy of ``trainer``'s model, stage steps and optimizers (for a moment, twice
+    the trainer's memory): the trainer's parameters, optimizer state, BatchNorm statistics,
+    counters and RNG state do not change (batches inside a pipeline stay there).
     ``strict=True`` (default) raises :class:`IsolationError` listing every leak; ``strict=False``
     returns the :class:`IsolationReport` either way (``report.ok``, ``report.raise_if_leaks()``;
     ``print(report)`` shows the table)."""
+    if not all(hasattr(trainer, a) for a in ("steps", "backprop_step", "prepare_batch")):
+        raise TypeError(f"check_isolation expects a dgl_fast.Trainer, got {type(trainer).__name__}")
     x, y = trainer.prepare_batch(x, y)
-    trainer.flush()
+    devices = sorted({p.device for p in trainer.model.parameters() if p.device.type == "cuda"}, key=str)
+    for d in devices:  # stage streams may still write parameters: copy what they wrote (no flush: no change)
+        torch.cuda.synchronize(d)
     model, steps, bp_step = copy.deepcopy((trainer.model, trainer.steps, trainer.backprop_step))
     names = {id(p): n for n, p in model.named_parameters()}
     K = model.num_stages
-    devices = [torch.device(d) for d in {str(p.device) for p in model.parameters()} if d.startswith("cuda")]
     results = []
     with torch.random.fork_rng(devices=devices):
         model.train()

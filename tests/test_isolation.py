@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import dgl_fast
 from dgl_fast import cli, models
+from dgl_fast.rules import RULES
 from dgl_fast.stage import StageStep, head_loss
 
 TINY = (3, 3, 4, 6)
@@ -59,8 +60,8 @@ def _assert_unchanged(trainer, before):
     assert torch.equal(torch.get_rng_state(), rng)  # dropout's draws were made on a forked RNG
 
 
-def _check_passes(model, x, y, mode="dgl", **kw):
-    trainer = dgl_fast.Trainer(model, mode=mode, engine="sequential", **kw)
+def _check_passes(model, x, y, mode="dgl", engine="sequential", **kw):
+    trainer = dgl_fast.Trainer(model, mode=mode, engine=engine, **kw)
     trainer.step(x, y)  # optimizer state exists: the check must not move it either
     before = _state(trainer)
     report = dgl_fast.check_isolation(trainer, x, y)  # strict: raises on a leak
@@ -78,18 +79,21 @@ def _check_passes(model, x, y, mode="dgl", **kw):
     return report
 
 
-@pytest.mark.parametrize("rule,opts", [("dgl", {"droprate": 0.3}), ("infopro", IDENTITY), ("predsim", {}),
-                                       ("auglocal", {"aux_net_depth": 2})])
-def test_every_rule_is_isolated(rule, opts):
+OPTIONS = {"dgl": {"droprate": 0.3}, "infopro": IDENTITY, "auglocal": {"aux_net_depth": 2}}
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "backprop"])  # a new rule is checked here too
+def test_every_rule_is_isolated(rule):
+    assert {"dgl", "infopro", "predsim", "auglocal"} <= set(RULES)
     torch.manual_seed(1)
-    model = models.build("resnet32", local_modules=6, rule=rule, widths=TINY, in_size=8, **opts)
+    model = models.build("resnet32", local_modules=6, rule=rule, widths=TINY, in_size=8, **OPTIONS.get(rule, {}))
     x, y = _batch()
     report = _check_passes(model, x, y)
     assert report.modules[0].name == f"module 1/{model.num_stages} (0, 0)..(0, 0)"
 
 
 @pytest.mark.parametrize("name,kw,mode", [
-    ("aux-study", dict(depth=3, width=4, in_size=8), "dgl"),
+    ("aux-study", dict(depth=3, width=4, in_size=8), "pipeline"),  # batches stay in flight, untouched
     ("vgg11", dict(width=4, stages=3, in_size=16, aux="cnn"), "sequential"),
     ("resnet20", dict(width=4, stages=3, in_size=8, aux="mlp"), "async"),
     ("resnet32", dict(rule="backprop", local_modules=3, widths=TINY, in_size=8), "backprop"),
@@ -97,6 +101,8 @@ def test_every_rule_is_isolated(rule, opts):
 def test_paper_models_and_modes_are_isolated(name, kw, mode):
     torch.manual_seed(2)
     extra = dict(buffer_capacity=2, schedule="round_robin") if mode == "async" else {}
+    if mode == "pipeline":
+        mode, extra = "dgl", {"engine": "pipeline"}
     _check_passes(models.build(name, **kw), *_batch(3, B=6, side=kw["in_size"]), mode=mode, **extra)
 
 
