@@ -134,9 +134,15 @@ class _Recorder:
 
     def __call__(self, *args, **kwargs):
         out = self.original(*args, **kwargs)
-        loss = out[1] if len(out) == 3 else out[0]  # StageStep: (h, loss, correct); BackpropStep: (loss, correct)
+        # StageStep: (h, loss, correct); BackpropStep: (loss, correct): the 0-dim floating tensor
+        loss = next(t for t in out if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point())
         self.reached = reached_leaves(loss)
         return out
+
+    def result(self) -> list[torch.Tensor]:
+        if self.reached is None:
+            raise RuntimeError("the stage step never called its forward_loss: check_isolation cannot see its loss")
+        return self.reached
 
 
 def _verdict(j, name, reached, own, owners, names, handed) -> ModuleIsolation:
@@ -153,7 +159,7 @@ def _verdict(j, name, reached, own, owners, names, handed) -> ModuleIsolation:
     if hands_on:
         leaks.append(f"hands on an activation that requires grad (grad_fn {type(handed.grad_fn).__name__})")
     reached_names = tuple(names.get(id(t), f"<tensor {list(t.shape)}>") for t in reached)
-    return ModuleIsolation(j, name, reached_names, len(own), tuple(leaks), hands_on)
+    return ModuleIsolation(j, name, reached_names, len({id(p) for p in own}), tuple(leaks), hands_on)
 
 
 def check_isolation(trainer, x: torch.Tensor, y: torch.Tensor, strict: bool = True) -> IsolationReport:
@@ -192,7 +198,7 @@ def check_isolation(trainer, x: torch.Tensor, y: torch.Tensor, strict: bool = Tr
                 image = hand_off(x, step.device) if step.needs_image else None
                 h, _, _ = step.step(hand_off(h, step.device), hand_off(y, step.device), image)
                 handed = h if j < K - 1 else None
-                results.append(_verdict(j, _module_name(model, j, K), rec.reached, units[j], owners, names, handed))
+                results.append(_verdict(j, _module_name(model, j, K), rec.result(), units[j], owners, names, handed))
         else:  # backprop: the stages and the last head are one module
             own = [p for s in model.stages for p in s.parameters()] + list(model.heads[-1].parameters())
             owners = {id(p): [0] for p in own}
@@ -201,7 +207,7 @@ def check_isolation(trainer, x: torch.Tensor, y: torch.Tensor, strict: bool = Tr
                     names[id(p)] = f"{n} (an intermediate head, not trained)"
             rec = _Recorder(bp_step)
             bp_step.step(x, y)
-            results.append(_verdict(0, f"backprop: stages 1..{K} + head {K}", rec.reached, own, owners, names, None))
+            results.append(_verdict(0, f"backprop: stages 1..{K} + head {K}", rec.result(), own, owners, names, None))
     report = IsolationReport(tuple(results))
     if strict:
         report.raise_if_leaks()

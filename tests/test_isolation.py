@@ -146,6 +146,19 @@ def test_a_parameter_shared_by_two_modules_is_caught():
                             "module 3/4 (1, 1)..(1, 1): reaches stages.1.0.conv1.weight (shared with module 2)"]
 
 
+def test_a_tensor_no_module_owns_and_a_bad_argument():
+    torch.manual_seed(6)
+    model = models.build("resnet32", local_modules=3, rule="dgl", widths=TINY, in_size=8)
+    outside = torch.randn(5, 7, requires_grad=True)  # a leaf no module registers (and no optimizer steps)
+    model.heads[0] = _PeekingHead(model.heads[0], outside)
+    trainer = dgl_fast.Trainer(model, engine="sequential")
+    report = dgl_fast.check_isolation(trainer, *_batch(7), strict=False)
+    assert report.leaks == ["module 1/3 (0, 0)..(0, 0): reaches a tensor of shape [5, 7] that is no module's parameter"]
+    assert "<tensor [5, 7]>" in report.modules[0].reached
+    with pytest.raises(TypeError, match="check_isolation expects a dgl_fast.Trainer, got DecoupledModel"):
+        dgl_fast.check_isolation(model, *_batch(7))
+
+
 def _unbroken_hand_off(monkeypatch):
     """An engine bug: the stage step hands on its output still attached to its stage's graph."""
     step = StageStep.step
