@@ -192,3 +192,6 @@ def test_bench_rules_tiny(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["bench", "rules", "--no-write", "--rules", "nosuch"]) == 2
     assert "argument --rules: expected some of dgl, infopro, predsim, auglocal" in capsys.readouterr().err
+    assert cli.main(["bench", "rules", "--no-write", "--rules", "dgl", "--engine", "streams", "--local-modules", "3",
+                     "--width", "2", "--in-size", "8", "--batch", "4"]) == 2  # on the CPU: a one-line refusal
+    assert "engine='streams' needs a CUDA device" in capsys.readouterr().err

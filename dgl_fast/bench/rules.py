@@ -181,8 +181,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     header = env_header(device, command_line(p, argv))
     start = time.perf_counter()
-    speed = speed_and_memory(rules, args.local_modules, args.width, args.in_size, sizes["batch"], sizes["warmup"],
-                             sizes["steps"], device, args.engine)
+    try:
+        speed = speed_and_memory(rules, args.local_modules, args.width, args.in_size, sizes["batch"], sizes["warmup"],
+                                 sizes["steps"], device, args.engine)
+    except ValueError as exc:  # an engine or device the trainer refuses for a rule: one line, exit 2
+        p.error(f"{exc} (--engine {args.engine}, --device {args.device})")
     acc = accuracy(rules, args.local_modules, sizes["train_width"], sizes["train_batch"], sizes["epochs"], args.data,
                    args.device)
     cfg["wall_s"] = round(time.perf_counter() - start, 1)
