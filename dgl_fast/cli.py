@@ -178,6 +178,8 @@ def cmd_train(args) -> int:
 
     try:
         check_args(args)
+        if args.distributed and args.check_isolation:
+            cli_rules.run_isolation_check(args, None, None)  # refuses --distributed (exit 2)
         if args.distributed:
             from .cli_distributed import train_distributed  # noqa: PLC0415
 
@@ -250,6 +252,8 @@ def _train(args) -> int:
           file=sys.stderr)
     if args.resume:
         print(f"resumed from {args.resume} at epoch {trainer.epoch}", file=sys.stderr)
+    if args.check_isolation:
+        cli_rules.run_isolation_check(args, trainer, spec.train)
 
     def on_epoch(record: dict) -> None:
         acc = record.get("test_acc") or record["train_acc"]

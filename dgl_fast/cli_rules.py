@@ -13,7 +13,7 @@ from .cli_checks import nonnegative_float, positive_float, positive_int
 from .local_nets import SPLIT_TABLES
 from .rules import RULES
 
-__all__ = ["add_arguments", "uses_rule", "build_kwargs", "restore_constants", "harness_cosine"]
+__all__ = ["add_arguments", "uses_rule", "build_kwargs", "restore_constants", "harness_cosine", "run_isolation_check"]
 
 # (harness name, type, help); None type: a flag
 _OPTIONS = [
@@ -35,7 +35,11 @@ _OPTIONS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the local-learning argument group to the ``train`` parser."""
+    """Add the local-learning argument group (and ``--check-isolation``) to the ``train`` parser."""
+    p.add_argument("--check-isolation", action="store_true",
+                   help="before training, run dgl_fast.check_isolation on the first batch (on a copy: the run is "
+                        "unchanged) and print its table: no module's loss reaches another module's parameters and "
+                        "nothing handed on requires grad; exit 2 with one line on a leak (any model, any rule)")
     g = p.add_argument_group("local-learning rules (--model resnet32 or resnet110: the InfoPro/AugLocal harness's "
                              "network; options spelled as the harness does, e.g. --aux_net_depth, or with hyphens)")
     g.add_argument("--rule", default=None, choices=list(RULES),
@@ -114,3 +118,17 @@ def harness_cosine(lr: float, epochs: int):
         return value / lr
 
     return factor
+
+
+def run_isolation_check(args, trainer, loader) -> None:
+    """``--check-isolation``: :func:`dgl_fast.check_isolation` on ``loader``'s first batch, its
+    table printed; a leak raises :class:`~dgl_fast.isolation.IsolationError` (a ValueError: exit 2)."""
+    from .isolation import check_isolation  # noqa: PLC0415
+
+    if args.distributed:
+        raise ValueError("argument --check-isolation: checks the stage steps in one process; drop --distributed "
+                         "(the check is the same for the stages a rank runs)")
+    x, y = next(iter(loader))
+    report = check_isolation(trainer, x, y, strict=False)
+    print(f"isolation check on the first batch ({x.shape[0]} images):\n{report}")
+    report.raise_if_leaks()

@@ -201,7 +201,9 @@ def memory_report(model: DecoupledModel, x: torch.Tensor, y: torch.Tensor,
                 saved_head = _SavedTensors(params + [h_in])
                 saved_head.exclude |= set(saved_stage.seen) | ({out_ptr} if handoff else set())
                 with saved_head.recording():
-                    if hasattr(head, "loss"):
+                    if getattr(head, "needs_image", False):  # InfoPro reconstructs the input
+                        loss, _ = head.loss(out, y, x)
+                    elif hasattr(head, "loss"):
                         loss, _ = head.loss(out, y)
                     else:
                         loss = torch.nn.functional.cross_entropy(head(out), y)

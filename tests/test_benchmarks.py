@@ -165,3 +165,33 @@ def test_gpu_check_sanitizer_refusing_the_device_is_one_note(tmp_path):
     res = subprocess.run(["bash", _gpu_check_script(), "__sanitizer_check"], capture_output=True, text=True, env=env)
     notes = [line for line in res.stdout.splitlines() if line.startswith("note: ")]
     assert res.returncode == 3 and len(notes) == 1 and "refuses this device" in notes[0], res.stdout
+
+
+def test_bench_rules_tiny(tmp_path, capsys):
+    """`bench rules` at a tiny size (K = 3, width 2, digits, one epoch; infopro: the rule whose loss reads
+    the image): its results files hold the header, the sizes, and per rule and backprop the step time,
+    memory and held-out accuracy; the table puts each figure next to backprop's."""
+    argv = ["bench", "rules", "--rules", "infopro", "--local-modules", "3", "--width", "2", "--in-size", "8",
+            "--batch", "4", "--warmup", "1", "--steps", "3", "--train-width", "2", "--train-batch", "256",
+            "--epochs", "1", "--data", "digits", "--out-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    payload = json.loads((tmp_path / "rules-cpu.json").read_text())
+    assert set(payload) == {"header", "config", "speed", "accuracy"}
+    assert {"device", "torch", "command", "date"} <= set(payload["header"])
+    assert payload["config"]["batch"] == 4 and payload["config"]["epochs"] == 1 and payload["config"]["data"] == "digits"
+    assert list(payload["speed"]) == list(payload["accuracy"]) == ["infopro", "backprop"]
+    for name, K in (("infopro", 3), ("backprop", 1)):
+        s, a = payload["speed"][name], payload["accuracy"][name]
+        assert s["K"] == K == a["stages"] and len(s["step_ms_all"]) == 3 and s["step_ms"] > 0 and s["memory_bytes"] > 0
+        assert 0.0 <= a["test_acc"] <= 1.0 and len(a["test_acc_per_stage"]) == K
+    assert payload["speed"]["backprop"]["memory_pipelined_bytes"] is None
+    assert payload["speed"]["infopro"]["aux_params"] > 0
+    md = (tmp_path / "rules-cpu.md").read_text()
+    assert md.startswith("# Local-learning rules against backprop: ResNet-32, K = 3")
+    assert "| infopro | 3 |" in md and "| backprop | 1 |" in md and "| 1.00 |" in md and "+0.00 |" in md
+    capsys.readouterr()
+    assert cli.main(["bench", "rules", "--no-write", "--rules", "nosuch"]) == 2
+    assert "argument --rules: expected some of dgl, infopro, predsim, auglocal" in capsys.readouterr().err
+    assert cli.main(["bench", "rules", "--no-write", "--rules", "dgl", "--engine", "streams", "--local-modules", "3",
+                     "--width", "2", "--in-size", "8", "--batch", "4"]) == 2  # on the CPU: a one-line refusal
+    assert "engine='streams' needs a CUDA device" in capsys.readouterr().err

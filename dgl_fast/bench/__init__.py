@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("accuracy", "aux_head", "memory", "overlap", "replay_buffer", "scaling", "step")
+NAMES = ("accuracy", "aux_head", "memory", "overlap", "replay_buffer", "rules", "scaling", "step")
 
 
 def run(name: str, argv: list[str]) -> int:
