@@ -64,6 +64,18 @@ def test_pipeline_graphs_carry_the_image(monkeypatch):
     assert not _same(ref, wrong)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_streams_engine_carries_the_image(graphs):
+    """The streams engine (a CUDA stream per stage; real graphs) equals the sequential engine on CUDA."""
+    model, data = _infopro(4, 8)
+    data = [(x.cuda(), y.cuda()) for x, y in data]
+    ref, _ = _train(model, data, device="cuda", engine="sequential")
+    got, tr = _train(model, data, device="cuda", engine="streams", cuda_graphs=graphs)
+    assert (tr.schedule.graph_state is not None) == graphs
+    assert _same(ref, got)
+
+
 def test_async_capacity_1_round_robin_equals_sync():
     """InfoPro through the replay buffers: in turn, emulated graphs, free-running recorded streams
     with and without graphs, all bitwise the sequential engine's (capacity 1, fifo, round robin)."""
@@ -155,3 +167,71 @@ def test_replay_buffer_keeps_the_image_of_each_slot():
         plain.load_state_dict(buf.state_dict())
     with pytest.raises(ValueError, match="batch .3. first"):
         ReplayBuffer(3, (B, 4), image_shape=(4, 2))
+
+
+# ---------------------------------------------------------------------- two gloo processes
+
+def _tag_model(K, logs, C=7):
+    torch.manual_seed(13)
+    return dgl_fast.DecoupledModel([_TagStage(C) for _ in range(K)], [_TagHead(C, logs[j]) for j in range(K)],
+                                   input_shape=(C,)).double()
+
+
+def _tag_batches(n, B=5, C=7):
+    g = torch.Generator().manual_seed(14)
+    out = []
+    for t in range(n):
+        x = torch.randn(B, C, generator=g, dtype=torch.float64)
+        x[:, 0] = 100 * t + torch.arange(B)
+        out.append((x, torch.randint(0, 3, (B,), generator=g)))
+    return out + [(out[0][0][:3], out[0][1][:3])]  # a partial last batch travels too
+
+
+def _sgd64(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _rank_worker(rank, world, port):
+    import datetime  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from dgl_fast.distributed import DistributedDGL  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for mode in ("dgl", "async"):
+            logs = [[] for _ in range(3)]
+            ddgl = DistributedDGL(_tag_model(3, logs), optimizer=_sgd64, placement=[0, 1, 1], mode=mode, timeout=30,
+                                  buffer_capacity=2, policy="uniform")
+            assert (ddgl.inbound or ddgl.outbound).image == ((7,), torch.float64)  # the link carries the image
+            data = _tag_batches(8)
+            ddgl.fit(data if ddgl.feeds else None, epochs=1)
+            ddgl.evaluate(data if ddgl.feeds else None)  # evaluation sends the image along too
+            for j in ddgl.stages:
+                rec = torch.stack([r for r in logs[j] if r.shape[1] == 5])
+                assert len(rec) >= 4 and torch.equal(rec[:, 0], rec[:, 1]), (mode, rank, j)  # image tag == h's
+            state = ddgl.full_state_dict()
+            if rank == 0 and mode == "dgl":  # bitwise the single-process trainer's
+                ref = dgl_fast.Trainer(_tag_model(3, [[] for _ in range(3)]), optimizer=_sgd64, engine="sequential")
+                for x, y in data:
+                    ref.step(x, y)
+                for k, v in ref.model.state_dict().items():
+                    assert torch.equal(state[k], v), k
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_send_the_image_with_its_activations():
+    """Two gloo ranks (stage 1 | stages 2-3), synchronous then async (a replay buffer on rank 1):
+    the image each stage trains on is its activations' (tags), dgl bitwise one process's."""
+    import socket  # noqa: PLC0415
+
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port), nprocs=2, join=True)
