@@ -89,6 +89,22 @@ def test_async_capacity_1_round_robin_equals_sync():
         assert _same(ref, got), kw
 
 
+def test_async_resume_restores_the_buffered_images():
+    """A state saved with images in the replay buffers resumes exactly (random schedule, capacity 2)."""
+    model, data = _infopro(3, 21)
+    kw = dict(mode="async", buffer_capacity=2, policy="uniform", seed=3)
+    whole, _ = _train(model, data, **kw)
+    _, first = _train(model, data[:3], **kw)
+    resumed = copy.deepcopy(model)
+    tr = dgl_fast.Trainer(resumed, **kw)
+    tr.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert [b.image_store is not None for b in tr.buffers] == [True, False]
+    assert torch.equal(tr.buffers[0].image_store, first.buffers[0].image_store)
+    for x, y in data[3:]:
+        tr.step(x, y)
+    assert _same(whole, resumed)
+
+
 class _TagStage(nn.Module):
     """Passes column 0 (the sample's tag) through, transforms the rest."""
 

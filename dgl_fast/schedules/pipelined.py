@@ -90,7 +90,7 @@ class PipelinedSchedule(GraphTicks, Schedule):
         self.use_graphs = graphs
         self.warmup = warmup
         self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch, image) waiting for stage j
-        #: some stage's loss needs the input image: eager ticks carry it with the activations
+        #: some stage's loss needs the input image: eager ticks carry it with the activations (graphs: buffers)
         self.carries_image = any(getattr(s, "needs_image", False) for s in steps)
         self.next_batch = 0  # index of the next batch fed
         self.ticks = 0
