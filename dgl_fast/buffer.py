@@ -27,6 +27,13 @@ one stream and a consumer on another never see a half-written slot (the calls go
 skipped (the graph orders its own work); capture the raw ops (:func:`dgl_fast.ops.replay_push`,
 :func:`dgl_fast.ops.replay_sample`) with static outputs to replay them, and note that the host-side
 ``pushes`` count only counts eager pushes.
+
+The input image (``image_shape=``, for a rule whose loss reconstructs it, InfoPro): each slot also
+keeps the image of the batch whose activations it holds, in its own dtype. The native ops know
+only activations and labels, so the image goes into a parallel store indexed by the same slot:
+a push writes it at the ring's head (the slot ``replay_push`` then fills), a sample reads the
+slot ``replay_sample`` chose (its ``info``), both device-side (no host sync), on the same stream
+and under the same events as the ring.
 """
 
 from __future__ import annotations
@@ -45,14 +52,16 @@ __all__ = ["ReplayBuffer", "Sample"]
 
 class Sample(tuple):
     """``(h, y)`` from :meth:`ReplayBuffer.sample`, plus ``valid`` (bool device tensor: a slot was
-    available) and ``slot`` (int64 device tensor, -1 when none). Unpacks as ``h, y = sample``.
+    available), ``slot`` (int64 device tensor, -1 when none) and ``image`` (the slot's input image
+    in a buffer with ``image_shape``, else None). Unpacks as ``h, y = sample``.
     ``valid`` is made when first read (one small kernel), not on every sample."""
 
     slot: torch.Tensor
+    image: torch.Tensor | None
 
-    def __new__(cls, h: torch.Tensor, y: torch.Tensor, info: torch.Tensor):
+    def __new__(cls, h: torch.Tensor, y: torch.Tensor, info: torch.Tensor, image: torch.Tensor | None = None):
         self = super().__new__(cls, (h, y))
-        self.slot = info[0]
+        self.slot, self.image = info[0], image
         self._info = info
         return self
 
@@ -91,6 +100,8 @@ class ReplayBuffer:
         streams: what orders push and sample across streams: by default real CUDA streams on a CUDA
             device and nothing on the CPU (operations run in program order);
             :class:`dgl_fast.streams.RecordedStreams` records that order on the CPU (tests).
+        image_shape: shape of the input image pushed with each mini-batch (batch first; None: no
+            image); ``image_dtype``: its dtype (default ``dtype``), stored as is.
 
     The memory it needs (:attr:`nbytes`) is checked against what the device has free before
     anything is allocated.
@@ -98,7 +109,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, batch_shape, dtype: torch.dtype = torch.float32, device="cpu",
                  policy: str = "priority_lifo", max_reuse: int | None = None, storage_dtype: torch.dtype | None = None,
-                 seed: int = 0, streams=None):
+                 seed: int = 0, streams=None, image_shape=None, image_dtype: torch.dtype | None = None):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be an int >= 1, got {capacity!r}")
         batch_shape = tuple(batch_shape)
@@ -117,7 +128,14 @@ class ReplayBuffer:
         self.storage_dtype, self.policy, self.max_reuse, self.seed = storage_dtype, policy, max_reuse, int(seed)
         B = batch_shape[0]
         item = storage_dtype.itemsize
+        self.image_shape = None if image_shape is None else tuple(image_shape)
+        self.image_dtype = image_dtype or dtype
+        if self.image_shape is not None and (len(self.image_shape) < 1 or self.image_shape[0] != B or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.image_shape)):
+            raise ValueError(f"image_shape must be positive ints, batch ({B}) first, got {image_shape!r}")
         self.nbytes = capacity * (math.prod(batch_shape) * item + B * 8) + 2 * capacity * 8 + 4 * 8
+        if self.image_shape is not None:
+            self.nbytes += capacity * math.prod(self.image_shape) * self.image_dtype.itemsize
         free = _free_bytes(self.device)
         if free is not None and self.nbytes > free:
             raise MemoryError(f"ReplayBuffer of {capacity} x {list(batch_shape)} {storage_dtype} needs "
@@ -128,6 +146,9 @@ class ReplayBuffer:
         self.state = torch.zeros(4, dtype=torch.long, **kw)  # head, count, pushes, samples
         self.uses = torch.zeros(capacity, dtype=torch.long, **kw)
         self.stamps = torch.zeros(capacity, dtype=torch.long, **kw)
+        #: the image of each slot's batch (``image_shape`` given), else None
+        self.image_store = (None if self.image_shape is None else
+                            torch.empty((capacity, *self.image_shape), dtype=self.image_dtype, **kw))
         self.pushes = 0  # host-side count of pushes made through this object
         self.streams = streams if streams is not None else (CudaStreams(self.device) if self.device.type == "cuda" else None)
         self._event = None
@@ -158,8 +179,8 @@ class ReplayBuffer:
             st.wait_event(stream, self._event)
         if stream not in self._streams_seen:
             self._streams_seen.add(stream)
-            for t in (self.storage, self.label_store, self.state, self.uses, self.stamps):
-                st.keep_alive(t, stream)
+            for t in self._tensors():
+                st.keep_alive(getattr(self, t), stream)
 
     def _leave(self, what: str) -> None:
         if not self._ordered():
@@ -172,17 +193,24 @@ class ReplayBuffer:
         st.record(self._event, stream)
         self._event_stream = stream
 
+    def _tensors(self) -> tuple[str, ...]:
+        names = ("storage", "label_store", "state", "uses", "stamps")
+        return names if self.image_store is None else (*names, "image_store")
+
     # checkpoints ---------------------------------------------------------------------------
     def config(self) -> dict:
         """What a checkpoint's ring must match to be loaded into this one."""
-        return {"capacity": self.capacity, "batch_shape": list(self.batch_shape), "dtype": str(self.dtype),
-                "storage_dtype": str(self.storage_dtype), "policy": self.policy, "max_reuse": self.max_reuse}
+        out = {"capacity": self.capacity, "batch_shape": list(self.batch_shape), "dtype": str(self.dtype),
+               "storage_dtype": str(self.storage_dtype), "policy": self.policy, "max_reuse": self.max_reuse}
+        if self.image_shape is not None:
+            out.update(image_shape=list(self.image_shape), image_dtype=str(self.image_dtype))
+        return out
 
     def state_dict(self) -> dict:
         """The ring's contents and state (device tensors, copied to the CPU), for exact resume."""
         self._enter()  # after the ring's last operation, on the current stream
         out = {"config": self.config(), "pushes": self.pushes,
-               **{k: getattr(self, k).cpu() for k in ("storage", "label_store", "state", "uses", "stamps")}}
+               **{k: getattr(self, k).cpu() for k in self._tensors()}}
         self._leave("read")
         return out
 
@@ -191,15 +219,16 @@ class ReplayBuffer:
         if state.get("config") != self.config():
             raise ValueError(f"replay buffer checkpoint holds {state.get('config')}, this buffer is {self.config()}")
         self._enter()
-        for k in ("storage", "label_store", "state", "uses", "stamps"):
+        for k in self._tensors():
             getattr(self, k).copy_(state[k])
         self._leave("load")
         self.pushes = int(state["pushes"])
 
     # ops -----------------------------------------------------------------------------------
-    def push(self, h: torch.Tensor, y: torch.Tensor) -> None:
+    def push(self, h: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None = None) -> None:
         """Store mini-batch ``h`` (shape ``batch_shape``, any floating dtype: it is converted to the
-        storage dtype on the way in) and its labels ``y`` at the ring's head."""
+        storage dtype on the way in) and its labels ``y`` at the ring's head; ``image``: its input
+        image (exactly when the buffer has ``image_shape``)."""
         if not isinstance(h, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(f"ReplayBuffer.push expects tensors, got {type(h).__name__} and {type(y).__name__}")
         if tuple(h.shape) != self.batch_shape:
@@ -218,7 +247,10 @@ class ReplayBuffer:
         if y.device.type == "cpu" and y.numel() and int(y.min()) < 0:
             # free on the host; on a GPU the loss kernel flags a negative label (NaN loss) instead
             raise ValueError(f"ReplayBuffer.push: expected class labels >= 0, got {int(y.min())}")
+        self._check_image(image, "ReplayBuffer.push", "image")
         self._enter()
+        if image is not None:  # at the head: the slot the push below fills
+            self.image_store.index_copy_(0, self.state[:1], image.detach().unsqueeze(0))
         ops.replay_push(self.storage, self.label_store, self.state, self.uses, self.stamps, h.detach(), y)
         self._leave("push")
         self.pushes += 1
@@ -233,12 +265,16 @@ class ReplayBuffer:
         out = torch.empty(self.batch_shape, dtype=self.dtype, device=self.device)
         out_labels = torch.empty(self.batch_shape[0], dtype=torch.long, device=self.device)
         info = torch.empty(2, dtype=torch.long, device=self.device)
-        return self.sample_into(out, out_labels, info)
+        image = None if self.image_store is None else torch.empty(self.image_shape, dtype=self.image_dtype,
+                                                                  device=self.device)
+        return self.sample_into(out, out_labels, info, image)
 
-    def sample_into(self, out: torch.Tensor, out_labels: torch.Tensor, info: torch.Tensor) -> Sample:
+    def sample_into(self, out: torch.Tensor, out_labels: torch.Tensor, info: torch.Tensor,
+                    out_image: torch.Tensor | None = None) -> Sample:
         """:meth:`sample` into tensors the caller owns (a CUDA graph's static inputs, say): ``out``
         of ``batch_shape`` and ``dtype``, ``out_labels`` int64 ``[B]``, ``info`` int64 ``[2]``
-        (slot, valid), all contiguous on the buffer's device. They are written on the current
+        (slot, valid), ``out_image`` of ``image_shape`` and ``image_dtype`` (exactly when the
+        buffer keeps images), all on the buffer's device. They are written on the current
         stream, after the buffer's previous operation."""
         if self.pushes == 0:
             raise ValueError("ReplayBuffer.sample: the buffer is empty; push a mini-batch first")
@@ -248,8 +284,23 @@ class ReplayBuffer:
         if tuple(info.shape) != (2,) or info.dtype != torch.long:
             raise ValueError(f"ReplayBuffer.sample_into: expected an int64 info tensor of shape [2], got "
                              f"{list(info.shape)} {info.dtype}")
+        self._check_image(out_image, "ReplayBuffer.sample_into", "out_image")
         self._enter()
         ops.replay_sample(self.state, self.uses, self.stamps, self.storage, self.label_store, out, out_labels, info,
                           self.policy, self.max_reuse, self.seed)
+        if out_image is not None:  # the slot just chosen (none: slot 0, unspecified like the rest)
+            out_image.copy_(self.image_store.index_select(0, info[:1].clamp(min=0)).squeeze(0))
         self._leave("sample")
-        return Sample(out, out_labels, info)
+        return Sample(out, out_labels, info, out_image)
+
+    def _check_image(self, image, what: str, name: str) -> None:
+        if self.image_store is None:
+            if image is not None:
+                raise ValueError(f"{what}: this buffer keeps no images (image_shape=None), got an {name}")
+            return
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"{what}: this buffer keeps the input image of each batch: expected an {name} of shape "
+                             f"{list(self.image_shape)}, got {type(image).__name__}")
+        if tuple(image.shape) != self.image_shape or image.dtype != self.image_dtype or image.device != self.device:
+            raise ValueError(f"{what}: expected an {name} of shape {list(self.image_shape)}, {self.image_dtype} on "
+                             f"{self.device}, got {list(image.shape)} {image.dtype} on {image.device}")

@@ -46,7 +46,7 @@ from .streams import CudaStreams
 from .utils import cpu_features
 
 __all__ = ["MODES", "ENGINES", "AMP", "Config", "check_options", "resolve_engine", "resolve_channels_last", "check_factor",
-           "check_hyperparameters", "check_image_inputs"]
+           "check_hyperparameters"]
 
 MODES = ("dgl", "sequential", "backprop", "async")
 ENGINES = ("auto", "sequential", "pipeline", "streams")
@@ -188,24 +188,6 @@ def resolve_engine(cfg: Config, optimizers: list, K: int) -> Config:
     if engine == "streams" and mode == "async" and cfg.streams is None:
         cfg.streams = CudaStreams(cfg.device)
     return cfg
-
-
-def check_image_inputs(cfg: Config, stages: list[int]) -> None:
-    """Refuse an engine that does not yet carry the input image to the stages whose loss needs it
-    (``stages``, 0-based; InfoPro's reconstruction). Carried by: the sequential engine (modes
-    ``dgl`` and ``sequential``; ``backprop`` reads the last head only) and the pipeline engine's
-    eager ticks (``mode="dgl"``, ``engine="pipeline"``, no graphs). Not yet: async DGL's replay
-    buffers, the streams engine (its eager ticks carry it but are not GPU-tested), CUDA graphs
-    (also emulated), several processes (DistributedDGL's stage steps get no image: the first one
-    stops with :func:`dgl_fast.stage.head_loss`'s error)."""
-    if not stages or cfg.mode == "backprop" or (cfg.engine == "sequential" and cfg.mode in ("dgl", "sequential")):
-        return
-    if cfg.mode == "dgl" and cfg.engine == "pipeline" and not (cfg.cuda_graphs or cfg.emulate_graphs):
-        return
-    graphs = " with CUDA graphs" if cfg.cuda_graphs or cfg.emulate_graphs else ""
-    raise ValueError(f"the loss of stages {[j + 1 for j in stages]} needs the input image (rule infopro), which "
-                     f"mode={cfg.mode!r} on engine={cfg.engine!r}{graphs} does not carry yet; use engine='sequential' "
-                     "(mode 'dgl' or 'sequential') or engine='pipeline' without cuda_graphs (mode 'dgl')")
 
 
 def resolve_channels_last(cfg: Config, model: torch.nn.Module) -> Config:

@@ -110,14 +110,16 @@ class StageStep(_Precision):
         self.backward_step(loss, self.optimizer, begun)
         return h.detach(), loss.detach().float(), correct
 
-    def graph_body(self, h_in: torch.Tensor, y: torch.Tensor, sgd, out: torch.Tensor | None = None):
+    def graph_body(self, h_in: torch.Tensor, y: torch.Tensor, sgd, out: torch.Tensor | None = None,
+                   image: torch.Tensor | None = None):
         """The step as a CUDA graph captures it: forward, loss, backward, ``sgd`` (a
         :class:`~dgl_fast.schedules.GraphSGD` of this step's optimizer), gradients dropped (a capture
         starts without them, so each replay's backward writes them afresh), the output copied into
-        the static ``out``. Guarded like :meth:`step` (``skipped``: the graph-owned flag). Returns
-        ``(loss, correct)`` (graph-owned)."""
+        the static ``out``; ``image``: the static input image, for a head that ``needs_image``.
+        Guarded like :meth:`step` (``skipped``: the graph-owned flag). Returns ``(loss, correct)``
+        (graph-owned)."""
         begun = self.guard.begin()
-        h, loss, correct = self.forward_loss(h_in, y)
+        h, loss, correct = self.forward_loss(h_in, y, image)
         self.guarded_graph_step(loss, sgd, begun)
         if out is not None:
             out.copy_(h.detach())

@@ -159,7 +159,6 @@ class Trainer:
             for j, (o, s) in enumerate(zip(self.optimizers, scalers))]
         self.backprop_step = (BackpropStep(model.stages, model.heads[-1], self.optimizers[0], self.device, self.amp,
                                            scalers[0], self.stage_devices) if mode == "backprop" else None)
-        config.check_image_inputs(cfg, [j for j in range(K) if getattr(model.heads[j], "needs_image", False)])
         self.schedule = self._make_schedule(cfg, K)
         # the model as evaluation and batch checks see it: through the placement when it spans devices
         self._placed = placing.PlacedModel(model, self.stage_devices, self.device) if len(plan.distinct) > 1 else model

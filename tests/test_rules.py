@@ -157,12 +157,9 @@ def test_rule_trainer_equals_plain_harness_loop(rule, K, kw):
             assert max((p - before[f"{name}.{j}.{n}"]).abs().max().item() for n, p in part.named_parameters()) > 1e-6
 
 
-def test_image_rule_refused_where_the_image_does_not_travel():
+def test_image_rule_step_without_image_refused_and_greedy_gets_it():
+    """Every engine carries the image (tests/test_rule_engines.py); a step given none says so."""
     model = models.build("resnet32", local_modules=3, rule="infopro", widths=TINY, in_size=8)
-    for kw in (dict(engine="pipeline", cuda_graphs="emulate"), dict(mode="async"),
-               dict(mode="async", schedule="round_robin", buffer_capacity=1, cuda_graphs="emulate")):
-        with pytest.raises(ValueError, match="needs the input image"):
-            dgl_fast.Trainer(model, **kw)
     step = StageStep(0, model.stages[0], model.heads[0], torch.optim.SGD(model.parameters(), lr=0.1),
                      torch.device("cpu"))
     with pytest.raises(ValueError, match="needs the input image for its loss"):  # a step given no image

@@ -7,6 +7,11 @@ by the activations and the labels. The receiver checks the header against the sh
 expects before it receives a byte of payload, so a rank launched with another model can never
 receive into a wrong-sized buffer.
 
+A link towards a stage whose loss needs the network's input (InfoPro's reconstruction) carries
+the input image too (``Link(image=...)`` at both ends; kind ``DATA_IMAGE``): each data message
+is then followed by its batch's (share of the) image, received into a buffer of the expected
+shape, so the image a rank trains on is always the one of the activations it came with.
+
 Every blocking exchange waits at most ``timeout`` seconds. A peer that stalled (SIGSTOP, a hung
 GPU, a link gone down) or died (the connection closes) raises :class:`PeerError`, one line that
 names this rank, its stages, the peer and its stages; the CLI prints it and exits non-zero.
@@ -23,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Layout", "Link", "make_link_groups", "PeerError", "Receiver", "DATA", "END", "describe_failure", "stage_range"]
+__all__ = ["Layout", "Link", "make_link_groups", "PeerError", "Receiver", "DATA", "END", "DATA_IMAGE", "describe_failure",
+           "stage_range"]
 
 MAGIC = 0x44474C46  # "DGLF"
-DATA, END = 1, 2
+DATA, END, DATA_IMAGE = 1, 2, 3  # DATA_IMAGE: data followed by the batch's input image
 _MAX_DIMS = 6
 _HEADER = 6 + _MAX_DIMS  # magic, kind, seq, batch_total, dtype, ndim, dims...
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8]
@@ -120,11 +126,15 @@ class Link:
     """This rank's end of the forward link to one neighbour (``peer``), with ``timeout`` seconds
     for each blocking wait. ``expect`` is the per-sample shape and dtype of the activations the
     peer sends (receiving end only). ``group``: the process group of this link alone (both ends
-    in it; None: the default group), so that the two directions of a rank never share one."""
+    in it; None: the default group), so that the two directions of a rank never share one.
+    ``image``: the per-sample shape and dtype of the input image the link carries with each batch
+    (both ends; None: no image)."""
 
     def __init__(self, layout: Layout, rank: int, peer: int, device: torch.device, timeout: float,
-                 expect: tuple[tuple[int, ...], torch.dtype] | None = None, max_in_flight: int = 2, group=None):
+                 expect: tuple[tuple[int, ...], torch.dtype] | None = None, max_in_flight: int = 2, group=None,
+                 image: tuple[tuple[int, ...], torch.dtype] | None = None):
         self.layout, self.rank, self.peer, self.device = layout, rank, peer, device
+        self.image = image
         self.group = group
         self.timeout = datetime.timedelta(seconds=float(timeout))
         self.expect = expect
@@ -146,12 +156,22 @@ class Link:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, h: torch.Tensor | None, y: torch.Tensor | None = None, total: int = 0, kind: int = DATA) -> None:
+    def send(self, h: torch.Tensor | None, y: torch.Tensor | None = None, total: int = 0, kind: int = DATA,
+             image: torch.Tensor | None = None) -> None:
         """Send ``(h, y)`` (``kind=DATA``; ``total`` is the batch size before the replicas split
-        it) or an ``END`` marker. Returns once at most ``max_in_flight`` messages are in flight."""
+        it; ``image``: the batch's input image, sent when the link carries images) or an ``END``
+        marker. Returns once at most ``max_in_flight`` messages are in flight."""
         started = time.monotonic()
+        msgs = [h, y]
+        if kind == DATA and self.image is not None:
+            shape = (h.shape[0], *self.image[0])
+            if image is None or tuple(image.shape) != shape or image.dtype != self.image[1]:
+                got = "none" if image is None else f"{list(image.shape)} {image.dtype}"
+                raise ValueError(f"this link carries the input image of each batch: expected {list(shape)} "
+                                 f"{self.image[1]}, got {got}")
+            kind, msgs = DATA_IMAGE, [h, y, image]
         header = _encode(kind, self.seq, total, h).to(self.device)
-        msgs = [header] if kind != DATA else [header, h.contiguous(), y.contiguous()]
+        msgs = [header] if kind == END else [header, *(t.contiguous() for t in msgs)]
         try:
             for t in msgs:
                 self._sends.append((dist.isend(t, self.peer, group=self.group), t))
@@ -172,20 +192,24 @@ class Link:
     # ------------------------------------------------------------------ receiving
 
     def recv(self):
-        """The next message: ``(h, y, total)`` for data, None for ``END``. The header is checked
-        (magic, sequence, dtype, per-sample shape) before the payload is received."""
+        """The next message: ``(h, y, total, image)`` for data (``image`` None unless the link
+        carries images), None for ``END``. The header is checked (magic, sequence, dtype,
+        per-sample shape, the image's presence) before the payload is received."""
         started = time.monotonic()
         header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
         self._wait(lambda: dist.irecv(header, self.peer, group=self.group), "waiting for", started)
         magic, kind, seq, total, code, ndim, *dims = header.tolist()
         peer = self.layout.describe(self.peer)
         me = self.layout.describe(self.rank)
-        if magic != MAGIC or kind not in (DATA, END) or seq != self.seq:
+        if magic != MAGIC or kind not in (DATA, END, DATA_IMAGE) or seq != self.seq:
             raise PeerError(f"{me}: message {self.seq} from {peer} is not a dgl_fast message header "
                             f"(magic {magic:#x}, kind {kind}, sequence {seq}): the ranks run different code")
         self.seq += 1
         if kind == END:
             return None
+        if (kind == DATA_IMAGE) != (self.image is not None):
+            raise PeerError(f"{me}: {peer} sent {'an' if kind == DATA_IMAGE else 'no'} input image with its activations, "
+                            f"expected {'one' if self.image is not None else 'none'}: the ranks hold different models")
         shape = tuple(dims[:ndim])
         dtype = _DTYPES[code] if 0 <= code < len(_DTYPES) else None
         want_shape, want_dtype = self.expect
@@ -196,15 +220,19 @@ class Link:
         y = torch.empty(shape[0], dtype=torch.long, device=self.device)
         self._wait(lambda: dist.irecv(h, self.peer, group=self.group), "waiting for", started)
         self._wait(lambda: dist.irecv(y, self.peer, group=self.group), "waiting for", started)
-        return h, y, total
+        image = None
+        if self.image is not None:
+            image = torch.empty((shape[0], *self.image[0]), dtype=self.image[1], device=self.device)
+            self._wait(lambda: dist.irecv(image, self.peer, group=self.group), "waiting for", started)
+        return h, y, total, image
 
 
 class Receiver:
     """Asynchronous DGL's receiving side: a thread receives every message of ``link`` as soon as
     it arrives (so the sender never waits for this rank's compute) and keeps the newest
     ``capacity`` in a queue; older ones not yet taken are dropped, as a ring buffer overwrites.
-    :meth:`take` returns what arrived (``(h, y)`` pairs) and whether ``END`` came; an error of the
-    thread (a :class:`PeerError`) is raised there."""
+    :meth:`take` returns what arrived (``(h, y, image)``, ``image`` None on a link without images)
+    and whether ``END`` came; an error of the thread (a :class:`PeerError`) is raised there."""
 
     def __init__(self, link: Link, capacity: int):
         self.link, self.capacity = link, max(1, int(capacity))
@@ -249,7 +277,7 @@ class Receiver:
                 if item is None:
                     ended = True
                     break
-                got.append(item[:2])
+                got.append((item[0], item[1], item[3]))
         except queue.Empty:
             if block and not got and not ended:
                 raise PeerError(f"{self.link.layout.describe(self.link.rank)}: nothing from "

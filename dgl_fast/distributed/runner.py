@@ -10,6 +10,9 @@ single-process trainer's on the whole batch: bitwise with one replica, to roundi
 (for models without BatchNorm, see replicas.py). In ``mode="async"`` the receiving rank keeps
 what arrives in a :class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting
 for its slower neighbour (asynchronous between ranks, stage after stage inside one rank).
+A rule whose loss needs the network's input (InfoPro) gets it on every rank: the links towards
+ranks holding such a stage carry each batch's image with its activations (:class:`.protocol.Link`),
+and the receiving replay buffer of async mode keeps it per slot.
 
 Launch one process per rank (``torchrun --nnodes N --nproc-per-node G``)::
 
@@ -127,10 +130,14 @@ class DistributedDGL:
                for j in range(len(placement))} | {"trainer options": sorted((k, repr(v)) for k, v in trainer_kwargs.items())},
               "optimizer", group=self._ctl)
         pg, me = make_link_groups(self.layout, timeout), self.rank  # each direction of a rank: its own group
+        needs = [bool(getattr(h, "needs_image", False)) for h in model.heads]  # the image: to ranks that need it
+        image = (tuple(model.input_shape), dtype)
         self.inbound = None if self.feeds else Link(self.layout, me, me - 1, self.device, timeout,
-                                                    expect=(in_shape, dtype), group=pg[me - 1, me])
-        self.outbound = None if self.group == groups - 1 else Link(self.layout, me, me + 1, self.device, timeout,
-                                                                   max_in_flight=max_in_flight, group=pg[me, me + 1])
+                                                    expect=(in_shape, dtype), group=pg[me - 1, me],
+                                                    image=image if any(needs[first:]) else None)
+        self.outbound = None if self.group == groups - 1 else Link(
+            self.layout, me, me + 1, self.device, timeout, max_in_flight=max_in_flight, group=pg[me, me + 1],
+            image=image if any(needs[self.stages[-1] + 1:]) else None)
         self.averager = None
         if replicas > 1:
             pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
@@ -158,19 +165,19 @@ class DistributedDGL:
             return x, y, B
         return x.tensor_split(R)[self.replica], y.tensor_split(R)[self.replica], B
 
-    def _train_local(self, h, y, total, acc):
+    def _train_local(self, h, y, total, acc, image=None):
         if self.averager is not None:
             self.averager.weight = y.shape[0] / total
         for i, step in enumerate(self.trainer.steps):
-            h, loss, correct = step.step(h, y)
+            h, loss, correct = step.step(h, y, image) if step.needs_image else step.step(h, y)
             acc[0][i] += loss.double() * y.shape[0]
             acc[1][i] += correct
             acc[2][i] += y.shape[0]
         return h
 
     def _inputs(self, loader, progress: bool = False):
-        """This epoch's ``(h, y, total)`` inputs: from ``loader`` on feeding ranks, else received
-        (``progress``: a bar on rank 0)."""
+        """This epoch's ``(h, y, total, image)`` inputs: from ``loader`` on feeding ranks (the
+        image: the input itself), else received (``progress``: a bar on rank 0)."""
         if self.feeds:
             if progress and self.rank == 0:
                 from tqdm.auto import tqdm  # noqa: PLC0415
@@ -181,7 +188,8 @@ class DistributedDGL:
                 x, y = self.trainer.prepare_batch(x, y)
                 if y.shape[0] // self.layout.replicas < self._need:  # every row sees B: all skip it alike
                     continue  # (a last batch that would leave a row fewer samples than BatchNorm needs)
-                yield self._share(x, y)
+                x, y, total = self._share(x, y)
+                yield x, y, total, x
             return
         while (msg := self.inbound.recv()) is not None:
             yield msg
@@ -195,13 +203,14 @@ class DistributedDGL:
             block = self.buffer is None or acc_reuse[0]
             got, done = receiver.take(block=block and not ended)
             ended |= done
-            for h, y in got:
+            for h, y, image in got:
                 if self.buffer is None:
                     o = self.buffer_options
                     self.buffer = ReplayBuffer(o["capacity"], h.shape, h.dtype, self.device, policy=o["policy"],
-                                               max_reuse=o["max_reuse"])
+                                               max_reuse=o["max_reuse"], image_shape=None if image is None else
+                                               image.shape, image_dtype=None if image is None else image.dtype)
                 if tuple(h.shape) == self.buffer.batch_shape:  # a partial last batch does not fit the ring
-                    self.buffer.push(h, y)
+                    self.buffer.push(h, y, image)
                     acc_reuse[0] = False
             if ended:
                 break
@@ -210,7 +219,7 @@ class DistributedDGL:
                 acc_reuse[0] = True
                 continue
             h, y = sample
-            yield h, y, y.shape[0]
+            yield h, y, y.shape[0], sample.image
         receiver.join()
         self.dropped = receiver.dropped
 
@@ -230,10 +239,10 @@ class DistributedDGL:
             loader.set_epoch(self.epoch)
         start = time.perf_counter()
         inputs = self._inputs(loader, progress) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
-        for h, y, total in inputs:
-            out = self._train_local(h, y, total, acc)
+        for h, y, total, image in inputs:
+            out = self._train_local(h, y, total, acc, image)
             if self.outbound is not None:
-                self.outbound.send(out, y, total)
+                self.outbound.send(out, y, total, image=image)
         if self.outbound is not None:
             self.outbound.send(None, kind=END)
             self.outbound.drain()
@@ -309,10 +318,11 @@ class DistributedDGL:
         if self.feeds:
             if loader is None:
                 raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
-            inputs = (self._share(*self.trainer.prepare_batch(x, y, training=False)) for x, y in loader)
+            inputs = ((*s, s[0]) for s in (self._share(*self.trainer.prepare_batch(x, y, training=False))
+                                           for x, y in loader))
         else:
             inputs = iter(self.inbound.recv, None)
-        for h, y, _ in inputs:
+        for h, y, _, image in inputs:
             if y.shape[0] == 0:  # a batch smaller than the replicas: this row's share is empty
                 continue
             for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
@@ -320,7 +330,7 @@ class DistributedDGL:
                 hits[i] += int((head(h).argmax(1) == y).sum())
             seen += y.shape[0]
             if self.outbound is not None:
-                self.outbound.send(h, y, y.shape[0])
+                self.outbound.send(h, y, y.shape[0], image=image)
         if self.outbound is not None:
             self.outbound.send(None, kind=END)
             self.outbound.drain()

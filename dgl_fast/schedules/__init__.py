@@ -3,7 +3,8 @@
 - :class:`SequentialSchedule` (``sequential.py``): every stage of a batch in turn (dgl, sequential
   greedy, backprop): the reference.
 - :class:`PipelinedSchedule` (``pipelined.py``): stage j on batch t - j at tick t; in turn on the
-  CPU, on one CUDA stream per stage, with a CUDA graph per stage step.
+  CPU, on one CUDA stream per stage, with a CUDA graph per stage step (its graph ticks:
+  ``pipeline_graphs.py``).
 - :class:`AsyncSchedule` (``asynchronous.py``): asynchronous DGL on replay buffers, in turn or
   free-running on streams, with a CUDA graph per stage step.
 

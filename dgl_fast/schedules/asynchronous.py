@@ -15,6 +15,13 @@ the caller's stream; their next steps then wait for what the caller did meanwhil
 on the device, each stage adding on its own stream. With graphs, each stage step (stage, head,
 loss, backward, SGD, metrics) replays one CUDA graph between an eager sample of its input buffer
 and a push to its output buffer, so the buffers' event protocol orders only sample and push.
+
+A rule whose loss needs the network's input (InfoPro's reconstruction, ``step.needs_image``):
+the replay buffers keep each batch's input image with its activations and labels (a
+:class:`~dgl_fast.ReplayBuffer` with ``image_shape``; its slot is the activations' slot), so the
+image stage j trains on is always the one of the activation it sampled. Stage 1 takes the fresh
+batch as its image; only the buffers feeding a stage up to the last one that needs the image
+keep images. With graphs the sampled image is a static input of the stage's graph.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class _GraphStage:
 
     def __init__(self):
         self.graph = None
-        self.x = self.y = self.info = None  # the step's input: copied in (stage 1) or sampled into
+        self.x = self.y = self.info = self.image = None  # the step's input: copied in (stage 1) or sampled into
         self.h = None  # the stage's output, pushed to the next buffer after the replay
         self.loss = self.correct = self.skipped = None  # the step's metrics, written by the graph
 
@@ -72,7 +79,8 @@ class _AsyncGraphs:
                 self.stages[k], self.opts[k] = None, None
 
     def _body(self, j: int, st: _GraphStage) -> None:
-        loss, correct = self.steps[j].graph_body(st.x, st.y, self.opts[j], st.h)
+        image = (st.x if j == 0 else st.image) if self.steps[j].needs_image else None
+        loss, correct = self.steps[j].graph_body(st.x, st.y, self.opts[j], st.h, image)
         st.loss.copy_(loss)
         st.correct.copy_(correct)
         st.skipped.copy_(self.steps[j].skipped)
@@ -86,6 +94,8 @@ class _AsyncGraphs:
             st.x = torch.empty(buf.batch_shape, dtype=buf.dtype, device=dev)
             st.y = torch.empty(buf.batch_shape[0], dtype=torch.long, device=dev)
             st.info = torch.empty(2, dtype=torch.long, device=dev)
+            if buf.image_store is not None:
+                st.image = torch.empty(buf.image_shape, dtype=buf.image_dtype, device=dev)
         if j < self.K - 1:
             st.h = torch.empty(buffers[j].batch_shape, dtype=buffers[j].dtype, device=dev)
         st.loss = torch.zeros((), dtype=torch.float32, device=dev)
@@ -99,7 +109,7 @@ class _AsyncGraphs:
             step = self.steps[j]
             watch = CaptureWatch(j, dev, {"stage": step.stage, "head": step.head}, opt,
                                  lambda: {"input": st.x, "labels": st.y, "output": st.h, "loss": st.loss,
-                                          "correct": st.correct, "skipped": st.skipped})
+                                          "correct": st.correct, "skipped": st.skipped, "image": st.image})
         st.graph = capture(self._body, j, st, device=dev, stream=self.streams[j] if self.streams is not None else None,
                            emulate=self.emulate, watch=watch)
         opt.zero_grad(set_to_none=True)  # .grad must not point into the graph's memory
@@ -118,12 +128,12 @@ class _AsyncGraphs:
             st.x.copy_(x, non_blocking=True)
             st.y.copy_(y, non_blocking=True)
         else:
-            buffers[j - 1].sample_into(st.x, st.y, st.info)
+            buffers[j - 1].sample_into(st.x, st.y, st.info, st.image)
         st.graph.replay()
         if on_replay is not None:
             on_replay()
         if st.h is not None:
-            buffers[j].push(st.h, st.y)
+            buffers[j].push(st.h, st.y, (st.x if j == 0 else st.image) if buffers[j].image_store is not None else None)
         return st.loss, st.correct, st.y.shape[0], st.skipped
 
 
@@ -167,11 +177,17 @@ class AsyncSchedule(Schedule):
 
     # ---------------------------------------------------------------- buffers and learning rates
 
-    def make_buffers(self, B: int, shapes: list[tuple]) -> list[ReplayBuffer]:
-        """The K - 1 replay buffers for batches of ``B`` with per-sample stage output ``shapes``."""
+    def make_buffers(self, B: int, shapes: list[tuple], image: tuple | None = None,
+                     image_dtype: torch.dtype | None = None) -> list[ReplayBuffer]:
+        """The K - 1 replay buffers for batches of ``B`` with per-sample stage output ``shapes``;
+        ``image``: the per-sample input shape, kept (as ``image_dtype``) by the buffers that feed a
+        stage up to the last one whose loss needs it."""
+        need = [j for j, s in enumerate(self.steps) if getattr(s, "needs_image", False)]
+        carry = need[-1] if need and image is not None else 0  # buffers 0 .. carry - 1 keep the image
         return [ReplayBuffer(self.capacity, (B, *shape), dtype=self.dtype, device=self.device, policy=self.policy,
                              max_reuse=self.max_reuse, storage_dtype=self.buffer_dtype, seed=self.seed + j,
-                             streams=self.ordering) for j, shape in enumerate(shapes)]
+                             streams=self.ordering, image_shape=(B, *image) if j < carry else None,
+                             image_dtype=image_dtype) for j, shape in enumerate(shapes)]
 
     def set_lr_schedule(self, schedule: Callable[[int], float], batches_per_epoch: int | None,
                         check: Callable) -> None:
@@ -208,18 +224,19 @@ class AsyncSchedule(Schedule):
             self.counts[j] += 1
             # the graph's static metrics: used right away on this stream (free-running), or kept
             return (loss, corr, n, skip) if ordering is not None else (loss.clone(), corr.clone(), n, skip.clone())
+        image = x
         if j > 0:
             sample = self.buffers[j - 1].sample()
             if self.max_reuse is not None and not bool(sample.valid):
                 return None  # every slot used up: this stage skips its turn
-            x, y = sample
-        h, loss, corr = self.steps[j].step(x, y)
+            (x, y), image = sample, sample.image
+        h, loss, corr = self.steps[j].step(x, y, image if self.steps[j].needs_image else None)
         if ordering is not None:
             ordering.mark(("step", j))
         if graphs is not None:
             graphs.eager_steps[j] += 1
         if j < self.K - 1:
-            self.buffers[j].push(h, y)
+            self.buffers[j].push(h, y, image if self.buffers[j].image_store is not None else None)
         self.counts[j] += 1
         return loss, corr, x.shape[0], self.steps[j].skipped
 
@@ -228,7 +245,7 @@ class AsyncSchedule(Schedule):
         the buffers on the first batch)."""
         K = self.K
         if self.buffers is None:
-            self.buffers = self.make_buffers(x.shape[0], shapes)
+            self.buffers = self.make_buffers(x.shape[0], shapes, tuple(x.shape[1:]), x.dtype)
         runs: list[list] = [[] for _ in range(K)]
         streams, st = self.streams, self.ordering
         if streams is not None:
@@ -329,8 +346,11 @@ class AsyncSchedule(Schedule):
         self.buffers, self.warm, self._stage_epoch = None, 0, [-1] * self.K
         if state:
             saved = state["buffers"]
+            image = saved[0]["config"].get("image_shape") if saved else None
             buffers = self.make_buffers(saved[0]["config"]["batch_shape"][0] if saved else 1,
-                                        [tuple(b["config"]["batch_shape"][1:]) for b in saved])
+                                        [tuple(b["config"]["batch_shape"][1:]) for b in saved],
+                                        None if image is None else tuple(image[1:]),
+                                        getattr(torch, saved[0]["config"]["image_dtype"].split(".")[-1]) if image else None)
             for buf, s in zip(buffers, saved):
                 buf.load_state_dict(s)
             self.buffers, self.warm = buffers, state["warm"]

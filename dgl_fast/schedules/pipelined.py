@@ -10,15 +10,15 @@ with CUDA graphs each stage step (forward, head, loss, backward, optimizer step,
 a graph.
 
 Hand-offs between stages: eager ticks pass fresh tensors (their lifetime across streams is
-declared with ``record_stream``); graph ticks use static buffers double-buffered by batch parity:
-stage j writes ``out[j][b % 2]`` for batch b while stage j + 1 reads ``out[j][(b - 1) % 2]``, so
-stage j at tick t also waits for stage j + 1 at tick t - 1 (the reader of the buffer it is about
-to overwrite). Metrics accumulate on the device, in the graphs themselves.
+declared with ``record_stream``); graph ticks (:mod:`dgl_fast.schedules.pipeline_graphs`) use
+static buffers double-buffered by batch parity. Metrics accumulate on the device, in the graphs
+themselves.
 
 A rule whose loss needs the network's input (InfoPro's reconstruction, ``step.needs_image``)
-gets it from eager ticks: each batch in flight carries its input image with its activations, and
-stage j receives the image of the batch it trains on (handed to its device). Graph ticks do not
-carry it yet (the trainer refuses graphs for such rules).
+gets it on every tick: in eager ticks (also the warm-up ticks before a capture) each batch in
+flight carries its input image with its activations and stage j receives the image of the batch
+it trains on (handed to its device); in graph ticks the image is a static input of the graphs of
+the stages that need it, copied along with the labels (see ``pipeline_graphs.py``).
 
 Stages on several devices (``steps[j].device``, one process): stage j's stream lives on its
 device and its graphs are captured there. At a group boundary (``placement``) the activations and
@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import hand_off, kept_modes
+from ..utils import hand_off
 from .base import Schedule, StepOutput, stack_output
-from .graphs import CaptureWatch, GraphSGD, capture
+from .graphs import GraphSGD
+from .pipeline_graphs import GraphTicks, StageGraphs
 
 __all__ = ["PipelinedSchedule"]
 
@@ -53,17 +54,7 @@ class TickResult:
     skipped: list | None = None
 
 
-class _StageGraphs:
-    """The two CUDA graphs (one per batch parity) of one stage step, and their static buffers."""
-
-    def __init__(self):
-        self.graphs: list[torch.cuda.CUDAGraph | None] = [None, None]
-        self.inputs: list[torch.Tensor | None] = [None, None]  # stage 0 only: its own input buffers
-        self.outputs: list[torch.Tensor | None] = [None, None]
-        self.labels: list[torch.Tensor | None] = [None, None]
-
-
-class PipelinedSchedule(Schedule):
+class PipelinedSchedule(GraphTicks, Schedule):
     """Pipelined synchronous DGL over K stage steps.
 
     Args:
@@ -99,7 +90,7 @@ class PipelinedSchedule(Schedule):
         self.use_graphs = graphs
         self.warmup = warmup
         self.pending: list[tuple | None] = [None] * self.K  # eager: (h, y, batch, image) waiting for stage j
-        #: some stage's loss needs the input image: eager ticks carry it with the activations
+        #: some stage's loss needs the input image: eager ticks carry it with the activations (graphs: buffers)
         self.carries_image = any(getattr(s, "needs_image", False) for s in steps)
         self.next_batch = 0  # index of the next batch fed
         self.ticks = 0
@@ -108,7 +99,7 @@ class PipelinedSchedule(Schedule):
         # while it records its own, with no new event object per stage step
         self._events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in range(self.K)] if streams else None
         #: the captured graphs and their static buffers (None before capture)
-        self.graph_state: list[_StageGraphs] | None = None
+        self.graph_state: list[StageGraphs] | None = None
         self._graph_shape = None
         self._eager_ticks = 0
         self._graph_opts: list[GraphSGD] | None = None
@@ -210,99 +201,10 @@ class PipelinedSchedule(Schedule):
         self.ticks += 1
         return TickResult(batches, tuple(samples), losses, hits, skips)
 
-    # ------------------------------------------------------------------ graph ticks
-
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Capture each stage's step for both batch parities (the pipeline is empty)."""
-        optimizers = [s.optimizer for s in self.steps]
-        self._graph_opts = [GraphSGD(opt) for opt in optimizers]
-        state = [_StageGraphs() for _ in range(self.K)]
-        probes = []  # each stage's output (shape, dtype, memory format), without touching BN statistics
-        with torch.no_grad():
-            h = x
-            for step in self.steps[:-1]:
-                with kept_modes(step.stage), step.autocast():
-                    step.stage.eval()
-                    h = step.stage(hand_off(h, step.device))
-                probes.append(h)
-        for j, dev in enumerate(self.stage_devices):
-            for p in range(2):
-                state[j].labels[p] = torch.empty_like(y, device=dev)
-                if self.receives[j]:  # stage 0 and the first stage of each group: own input buffers
-                    state[j].inputs[p] = torch.empty_like(x if j == 0 else probes[j - 1], device=dev)
-        for j in range(self.K):
-            dev, step = self.stage_devices[j], self.steps[j]
-            # the two parity graphs of a stage replay in turn on one stream, never at once, and
-            # neither reads memory the other allocated: they share one memory pool (captured on
-            # one stream, as torch advises for sharing); stages run concurrently: a pool each
-            if self.emulate_graphs:
-                pool, stream = object(), None
-            else:
-                pool = torch.cuda.graph_pool_handle()
-                stream = self._stream(j) if self.streams is not None else torch.cuda.Stream(dev)
-            for p in range(2):
-                src = state[j].inputs[p] if self.receives[j] else state[j - 1].outputs[p]
-                if j < self.K - 1:
-                    state[j].outputs[p] = torch.empty_like(probes[j])
-                for opt in optimizers:  # gradients are allocated inside the graph
-                    opt.zero_grad(set_to_none=True)
-                watch = None
-                if self.emulate_graphs:
-                    watch = CaptureWatch(j, dev, {"stage": step.stage, "head": step.head}, step.optimizer,
-                                         {"input": src, "labels": state[j].labels[p], "output": state[j].outputs[p]})
-                state[j].graphs[p] = capture(self._graph_body, j, src, state[j].labels[p], state[j].outputs[p],
-                                             device=dev, stream=stream, emulate=self.emulate_graphs, pool=pool,
-                                             watch=watch)
-        for opt in optimizers:  # .grad must not point into a graph's memory for an eager step
-            opt.zero_grad(set_to_none=True)
-        self.graph_state = state
-        self._graph_shape = tuple(x.shape)
-        self.captures += 1
-
-    def _graph_body(self, j: int, h_in, y, out) -> None:
-        loss, correct = self.steps[j].graph_body(h_in, y, self._graph_opts[j], out)
-        # replays count samples on the host
-        self.metrics.add(j, loss, correct, y.shape[0], count=False, skipped=self.steps[j].skipped)
+    # ------------------------------------------------------------------ graph ticks (pipeline_graphs.py)
 
     def _graph_tick(self, fresh) -> TickResult:
-        st = self.graph_state
-        batches: list[int | None] = [None] * self.K
-        samples = [0] * self.K
-        # stage j takes over the batch stage j - 1 held in the previous tick
-        inflight = [None] + self._in_flight_graph[:-1]
-        if fresh is not None:
-            x, y, b = fresh
-            inflight[0] = b
-        prev = list(self.done)
-        cur = torch.cuda.current_stream(self.device) if self.streams is not None else None
-        for j in reversed(range(self.K)):
-            b = inflight[j]
-            if b is None:
-                continue
-            p = b % 2
-            stream = self._stream(j)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                self._wait_neighbours(j, prev, cur)
-                if j == 0:
-                    if stream is not None:
-                        x.record_stream(stream)
-                        y.record_stream(stream)
-                    st[0].inputs[p].copy_(x, non_blocking=True)
-                    st[0].labels[p].copy_(y, non_blocking=True)
-                else:  # after the producer's event: cross-device copies follow this stream
-                    if self.receives[j]:
-                        st[j].inputs[p].copy_(st[j - 1].outputs[p], non_blocking=True)
-                    st[j].labels[p].copy_(st[j - 1].labels[p], non_blocking=True)
-                start = self._trace_start(j)
-                st[j].graphs[p].replay()
-                self._record_done(j)
-                self._trace_end(j, b, start)
-            batches[j], samples[j] = b, self._graph_shape[0]
-            self.metrics.samples[j] += self._graph_shape[0]
-            self.counts[j] += 1
-        self._in_flight_graph = inflight
-        self.ticks += 1
-        return TickResult(batches, tuple(samples))
+        return TickResult(*self._replay_tick(fresh))
 
     # ------------------------------------------------------------------ public
 
@@ -318,21 +220,22 @@ class PipelinedSchedule(Schedule):
     def _feed(self, x: torch.Tensor, y: torch.Tensor) -> TickResult:
         b = self.next_batch
         self.next_batch += 1
+        fresh = (x, y, b, x if self.carries_image else None)  # eager ticks: the image travels with h
         if not self.use_graphs:
-            return self._eager_tick((x, y, b, x if self.carries_image else None))
+            return self._eager_tick(fresh)
         if self.graph_state is not None and tuple(x.shape) != self._graph_shape:
             # a partial or re-shaped batch: drain, then run it through the eager pipeline
             self._drain_all()
             self._eager_ticks = 0
             if tuple(x.shape)[0] < self._graph_shape[0]:
-                res = self._eager_tick((x, y, b, None))
+                res = self._eager_tick(fresh)
                 self._drain_all()
                 return res
             self._drop_graphs()
         if self.graph_state is None:
             if self._eager_ticks < self.warmup:
                 self._eager_ticks += 1
-                return self._eager_tick((x, y, b, None))
+                return self._eager_tick(fresh)
             self._drain_all()
             self._capture(x, y)
         return self._graph_tick((x, y, b))
