@@ -21,7 +21,7 @@ from .cli_checks import check_resumed_optimizer, run_options
 
 _AGREED = ("model", "aux", "mode", "stages", "block_size", "depth", "width", "hidden", "epochs", "batch_size", "lr",
            "momentum", "weight_decay", "lr_step", "lr_decay", "data", "in_size", "seed", "replicas", "timeout",
-           "buffer_capacity", "policy", "max_reuse", "resume")
+           "buffer_capacity", "policy", "max_reuse", "resume", "sync_bn")
 
 
 def check_distributed_args(args) -> None:
@@ -41,6 +41,8 @@ def check_distributed_args(args) -> None:
                          f"expected --batch-size >= {2 * args.replicas} (or fewer --replicas)")
     if world % args.replicas:
         raise ValueError(f"argument --replicas: must divide the {world} ranks (WORLD_SIZE), got {args.replicas}")
+    if args.sync_bn and not args.device.startswith("cuda"):
+        raise ValueError(f"argument --sync-bn: PyTorch's SyncBatchNorm needs CUDA devices, got --device {args.device}")
     if args.mode == "async" and args.replicas != 1:
         raise ValueError("argument --replicas: --mode async runs one replica row, got --replicas "
                          f"{args.replicas}")
@@ -86,7 +88,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         if args.resume:  # the grid the checkpoint set was saved with (balancing again could choose another)
             placement = _saved_placement(args)
         ddgl = DistributedDGL(model, optimizer=optimizer, placement=placement, device=device, replicas=args.replicas,
-                              mode=args.mode,
+                              mode=args.mode, sync_bn=args.sync_bn,
                               timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
                               max_reuse=args.max_reuse, fingerprint=fields)
         if rank == 0 and ddgl.balance is not None:

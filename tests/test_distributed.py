@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 import dgl_fast
 from dgl_fast.checkpoint import CheckpointError
@@ -112,13 +113,28 @@ def test_pipeline_equals_sequential(tmp_path, world, K, placement):
 
 def _grid_worker(rank, world, out, replicas):
     model = _nobn_model(4)
-    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30)
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30,
+                          ddp_options={"gradient_as_bucket_view": True})  # DDP's options pass through
     assert ddgl.layout.coords(rank) == divmod(rank, 2)
+    # each stage step runs its stage and head in DDP over its stage group's replicas (the mesh's "replica" group)
+    assert all(isinstance(s.forward_module, DistributedDataParallel) and s.forward_module.gradient_as_bucket_view
+               for s in ddgl.trainer.steps)
+    assert ddgl.mesh.mesh.tolist() == [[0, 1], [2, 3]] and dist.get_process_group_ranks(
+        ddgl.mesh.get_group("replica")) == [rank % 2, rank % 2 + 2]
     ddgl.fit(_data(B=10, dtype=torch.float64) if ddgl.feeds else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
     state = ddgl.full_state_dict()
     mine = {f"{k}": v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
+    params = sum(1 for s in ddgl.trainer.steps for m in (s.stage, s.head) for _ in m.parameters())
+    # a NaN in replica row 2's share only: DDP averages it into every replica's gradients in the
+    # backward, so the step guard skips the step on both rows alike (nothing changes anywhere)
+    x, y = batches(1, B=10, seed=9, dtype=torch.float64)[0]
+    x[5:, 0, 1, 2] = float("nan")
+    with pytest.raises(TrainingDiverged, match="training diverged in epoch 3"):
+        ddgl.train_epoch([(x, y)] if ddgl.feeds else None)
+    assert [bool(s.skipped) for s in ddgl.trainer.steps] == [True, True]
+    assert all(torch.equal(mine[k], v) for k, v in ddgl.trainer.model.state_dict().items())
     parts = [None] * world
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, (mine, ddgl.replication.calls, params))
     if rank == 0:
         torch.save({"state": state, "parts": parts}, os.path.join(out, "result.pt"))
     # with BatchNorm each replica row needs 2 samples of every batch (same launch)
@@ -150,8 +166,10 @@ def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
     got.load_state_dict(result["state"])
     assert_same_state(got, ref.model, rtol=1e-10, atol=1e-10)  # (g1 b1 + g2 b2) / B: rounding only
     for a, b in ((0, 2), (1, 3)):  # the replicas of a stage group hold the same weights, bitwise
-        for k in result["parts"][a]:
-            torch.testing.assert_close(result["parts"][a][k], result["parts"][b][k], rtol=0, atol=0)
+        for k in result["parts"][a][0]:
+            torch.testing.assert_close(result["parts"][a][0][k], result["parts"][b][0][k], rtol=0, atol=0)
+    for _, calls, params in result["parts"]:  # 12 steps of 2 stages, one bucket each: not one message a parameter
+        assert calls == 13 * 2 and params == 8, (calls, params)
     untrained = _nobn_model(4).state_dict()
     assert any(not torch.equal(untrained[k], v) for k, v in result["state"].items())
 
@@ -251,7 +269,8 @@ def _resume_worker(rank, world, out):
     # all or nothing: another grid, then one rank's file changed -> every rank refuses, nothing loaded
     other = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 1, 1],
                            timeout=30)
-    with pytest.raises(CheckpointError, match=r"saved with placement \[0, 0, 1\], this run has \[0, 1, 1\]"):
+    with pytest.raises(CheckpointError, match=r"made on 2 stage groups x 1 replicas \(2 ranks, placement \[0, 0, 1\]\), "
+                       r"this launch has 2 stage groups x 1 replicas \(2 ranks, placement \[0, 1, 1\]\)"):
         other.load(ckpt)
     dist.barrier()
     if rank == 1:
@@ -331,6 +350,12 @@ def test_checks_in_a_one_rank_group(tmp_path):
     try:
         with pytest.raises(ValueError, match=r"placement must give each of the 2 stages a stage group.*got \[0, 1\]"):
             DistributedDGL(small_model(2), optimizer=sgd, placement=[0, 1])
+        with pytest.raises(ValueError, match=r"sync_bn needs CUDA devices \(PyTorch's SyncBatchNorm has no cpu "
+                                             r"implementation\), got device cpu"):
+            DistributedDGL(small_model(2), optimizer=sgd, sync_bn=True)
+        with pytest.raises(ValueError, match="ddp_options may set bucket_cap_mb, gradient_as_bucket_view, static_graph, "
+                                             "got 'broadcast_buffers'"):
+            DistributedDGL(small_model(2), optimizer=sgd, ddp_options={"broadcast_buffers": True})
         with pytest.raises(ValueError, match="amp, engine and mode cannot be set"):
             DistributedDGL(small_model(2), optimizer=sgd, amp="bf16")
         with pytest.raises(ValueError, match="replicas must divide the world size 1, got 2"):

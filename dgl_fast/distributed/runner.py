@@ -4,8 +4,8 @@ No gradient crosses a stage boundary, so a stage placed on another process only 
 *activations* of its predecessor, never anything back. Ranks form a grid of ``G`` stage groups x
 ``R`` replicas (:class:`~dgl_fast.distributed.protocol.Layout`): rank ``(r, g)`` trains stage
 group ``g`` on replica row ``r``'s share of each batch and sends its output and labels to
-``(r, g + 1)``; the replicas of a stage group average gradients
-(:mod:`~dgl_fast.distributed.replicas`). In ``mode="dgl"`` (synchronous) the result is the
+``(r, g + 1)``; the replicas of a stage group average gradients through
+``DistributedDataParallel`` (:mod:`~dgl_fast.distributed.replicas`). In ``mode="dgl"`` (synchronous) the result is the
 single-process trainer's on the whole batch: bitwise with one replica, to rounding with several
 (for models without BatchNorm, see replicas.py). In ``mode="async"`` the receiving rank keeps
 what arrives in a :class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting
@@ -42,7 +42,7 @@ from . import files
 from .agreement import agree, model_fingerprint
 from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
-from .replicas import GradientAverager
+from .replicas import check_options, replica_mesh, replicate, sync_batchnorm
 
 __all__ = ["DistributedDGL", "even_placement"]
 
@@ -69,12 +69,16 @@ class DistributedDGL:
         buffer_capacity, policy, max_reuse: the receiving ranks' replay buffers (async mode).
         fingerprint: more fields every rank must agree on (the CLI passes its arguments).
         max_in_flight: messages a rank may have outstanding before it waits for the oldest.
+        sync_bn: with replicas, BatchNorm as ``SyncBatchNorm`` over the replicas (CUDA only).
+        ddp_options: more ``DistributedDataParallel`` arguments for the replicas
+            (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``).
     """
 
     def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, placement="balance",
                  replicas: int = 1, device="cpu", mode: str = "dgl", timeout: float = 300.0,
                  buffer_capacity: int = 4, policy: str = "priority_lifo", max_reuse: int | None = None,
-                 fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, **trainer_kwargs):
+                 fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, sync_bn: bool = False,
+                 ddp_options: dict | None = None, **trainer_kwargs):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedDGL needs torch.distributed initialised (dist.init_process_group)")
         if model.input_shape is None:
@@ -88,6 +92,7 @@ class DistributedDGL:
             raise ValueError(f"timeout must be a positive number of seconds from 1 to 1e7, got {timeout!r}")
         self.rank, world = dist.get_rank(), dist.get_world_size()
         dev = torch.device(device)
+        check_options(sync_bn, ddp_options, dev)
         if dev.type == "cuda":  # first: NCCL (and object collectives) use the current device
             torch.cuda.set_device(dev)
         # The runner's own collectives (agreement, placement, metrics, checkpoints) run on a gloo
@@ -108,6 +113,7 @@ class DistributedDGL:
         self.name = self.layout.describe(self.rank)
         fields = {"world size": world, "replicas": replicas, "placement": self.placement, "mode": mode,
                   "dtype": str(next(model.parameters()).dtype), "timeout": self.timeout,
+                  "sync bn": sync_bn, "ddp options": sorted((ddp_options or {}).items()),
                   **model_fingerprint(model), **(fingerprint or {})}
         if mode == "async":
             fields.update({"buffer capacity": buffer_capacity, "policy": policy, "max reuse": max_reuse})
@@ -115,8 +121,12 @@ class DistributedDGL:
         shapes = model.check_shapes(model.input_shape)  # (per-sample output shape, logits) of every stage
         first = self.stages[0]
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
-        local = DecoupledModel([model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages],
-                               input_shape=in_shape)
+        # the replica groups: the grid's device mesh (replicas x stage groups), made by every rank
+        self.mesh, replica_group = replica_mesh(self.layout, dev) if replicas > 1 else (None, None)
+        mods = [model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages]
+        if sync_bn and replica_group is not None:
+            mods = sync_batchnorm(mods[0], replica_group), sync_batchnorm(mods[1], replica_group)
+        local = DecoupledModel(*mods, input_shape=in_shape)
         trainer_kwargs.setdefault("channels_last", False)  # the links send contiguous (NCHW) activations
         self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
                                **trainer_kwargs)
@@ -131,10 +141,9 @@ class DistributedDGL:
                                                     expect=(in_shape, dtype), group=pg[me - 1, me])
         self.outbound = None if self.group == groups - 1 else Link(self.layout, me, me + 1, self.device, timeout,
                                                                    max_in_flight=max_in_flight, group=pg[me, me + 1])
-        self.averager = None
-        if replicas > 1:
-            pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
-            self.averager = GradientAverager(self.trainer.optimizers, pgs[self.group], timeout, self.name)
+        #: the DDP communication hooks' state (None with one replica row): ``calls`` counts the all-reduces
+        self.replication = None if replica_group is None else replicate(self.trainer.steps, replica_group,
+                                                                         self.device, ddp_options)
         self.buffer_options = dict(capacity=buffer_capacity, policy=policy, max_reuse=max_reuse)
         self.buffer: ReplayBuffer | None = None
         self.history: list[dict] = []
@@ -159,10 +168,14 @@ class DistributedDGL:
         return x.tensor_split(R)[self.replica], y.tensor_split(R)[self.replica], B
 
     def _train_local(self, h, y, total, acc):
-        if self.averager is not None:
-            self.averager.weight = y.shape[0] / total
+        if self.replication is not None:
+            self.replication.weight = y.shape[0] / total
         for i, step in enumerate(self.trainer.steps):
-            h, loss, correct = step.step(h, y)
+            try:
+                h, loss, correct = step.step(h, y)
+            except dist.DistError as exc:  # DDP's all-reduce of the replicas' gradients, in the backward
+                raise PeerError(f"{self.name}: averaging gradients with the replicas failed: "
+                                f"{describe_failure(exc)}") from None
             acc[0][i] += loss.double() * y.shape[0]
             acc[1][i] += correct
             acc[2][i] += y.shape[0]
