@@ -1,6 +1,8 @@
 """``torchrun ... -m dgl_fast train --distributed``: DGL over a grid of ranks (DistributedDGL).
 
-``--replicas R`` splits the world into R replica rows of ``WORLD_SIZE / R`` stage groups;
+``--replicas R`` splits the world into R replica rows of ``WORLD_SIZE / R`` stage groups (each
+row's feeding rank loads only its share of every ``--batch-size`` batch; ``--sync-bn``:
+SyncBatchNorm over the replicas, CUDA only);
 ``--timeout`` bounds every exchange and collective; ``--out`` receives a checkpoint set after
 every epoch (``--out/checkpoint/``: per-rank files and a manifest) and, from rank 0 only, the
 summary; ``--resume DIR`` continues from such a set. Every rank checks at start-up that all were
@@ -100,10 +102,12 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         ddgl.trainer.run_options = run_options(args)
         ckpt = os.path.join(args.out, "checkpoint") if args.out else None
         start = time.perf_counter()
-        records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
+        # a feeding rank loads only its replica row's share of each batch (its order from --seed)
+        train, test = (spec.train.share_of(ddgl.replica, args.replicas), spec.test.share_of(ddgl.replica, args.replicas))
+        records = ddgl.fit(train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
                            checkpoint_dir=ckpt, progress=not args.no_progress,
                            callback=_report(args.out) if rank == 0 else None)
-        acc = ddgl.evaluate(spec.test if ddgl.feeds else None)
+        acc = ddgl.evaluate(test if ddgl.feeds else None)
         state = ddgl.full_state_dict()
         if rank == 0:
             copy.deepcopy(model).load_state_dict(state)  # the gathered state is a whole model's

@@ -3,19 +3,21 @@
 No gradient crosses a stage boundary, so a stage placed on another process only ever needs the
 *activations* of its predecessor, never anything back. Ranks form a grid of ``G`` stage groups x
 ``R`` replicas (:class:`~dgl_fast.distributed.protocol.Layout`): rank ``(r, g)`` trains stage
-group ``g`` on replica row ``r``'s share of each batch and sends its output and labels to
-``(r, g + 1)``; the replicas of a stage group average gradients through
-``DistributedDataParallel`` (:mod:`~dgl_fast.distributed.replicas`). In ``mode="dgl"`` (synchronous) the result is the
-single-process trainer's on the whole batch: bitwise with one replica, to rounding with several
-(for models without BatchNorm, see replicas.py). In ``mode="async"`` the receiving rank keeps
-what arrives in a :class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting
-for its slower neighbour (asynchronous between ranks, stage after stage inside one rank).
+group ``g`` on replica row ``r``'s share of each batch (the row's feeding rank loads only that:
+:mod:`.sharding`) and sends its output and labels to ``(r, g + 1)``; the replicas of a stage
+group average gradients through ``DistributedDataParallel`` (:mod:`.replicas`). In
+``mode="dgl"`` (synchronous) the result is the single-process trainer's on the whole batch:
+bitwise with one replica, to rounding with several (for models without BatchNorm, see
+replicas.py). In ``mode="async"`` the receiving rank keeps what arrives in a
+:class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting for its slower
+neighbour (asynchronous between ranks, stage after stage inside one rank).
 
 Launch one process per rank (``torchrun --nnodes N --nproc-per-node G``)::
 
     dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))   # "gloo" on CPUs
     net = dgl_fast.models.build("vgg13", block_size=3)          # same seed on every rank
     ddgl = DistributedDGL(net, optimizer=..., device=f"cuda:{local_rank}", replicas=2)
+    loader = ddgl.shard(train_set, batch_size=256, seed=0)      # this row's shard (feeding ranks)
     ddgl.fit(loader if ddgl.feeds else None, epochs=50, lr_schedule=..., checkpoint_dir="ckpt")
     acc = ddgl.evaluate(test_loader if ddgl.feeds else None)    # per-stage accuracy, every rank
 
@@ -43,6 +45,7 @@ from .agreement import agree, model_fingerprint
 from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
 from .replicas import check_options, replica_mesh, replicate, sync_batchnorm
+from .sharding import loader_rows, row_sizes, set_epoch, shard_loader
 
 __all__ = ["DistributedDGL", "even_placement"]
 
@@ -123,6 +126,7 @@ class DistributedDGL:
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
         # the replica groups: the grid's device mesh (replicas x stage groups), made by every rank
         self.mesh, replica_group = replica_mesh(self.layout, dev) if replicas > 1 else (None, None)
+        self._replicas_group = replica_group
         mods = [model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages]
         if sync_bn and replica_group is not None:
             mods = sync_batchnorm(mods[0], replica_group), sync_batchnorm(mods[1], replica_group)
@@ -160,12 +164,14 @@ class DistributedDGL:
 
     # ------------------------------------------------------------------ training
 
-    def _share(self, x, y):
-        """This replica row's share of a batch (all of it with one replica) and the batch size."""
-        B, R = y.shape[0], self.layout.replicas
-        if R == 1:
-            return x, y, B
-        return x.tensor_split(R)[self.replica], y.tensor_split(R)[self.replica], B
+    def shard(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+              **loader_kwargs):
+        """A ``DataLoader`` of this replica row's shard of ``dataset`` for :meth:`fit` on a feeding
+        rank: a ``DistributedSampler`` over the replica rows (its order each epoch from ``seed``
+        and the epoch), ``batch_size`` the whole step's batch (divisible by the replicas), each row
+        loading its ``batch_size / R`` (:mod:`.sharding`)."""
+        return shard_loader(dataset, batch_size, self.replica, self.layout.replicas, shuffle, seed, drop_last,
+                            **loader_kwargs)
 
     def _train_local(self, h, y, total, acc):
         if self.replication is not None:
@@ -190,11 +196,11 @@ class DistributedDGL:
 
                 loader = tqdm(loader, desc=f"epoch {self.epoch + 1} ({self.layout.world} ranks)", leave=False,
                               dynamic_ncols=True)
-            for x, y in loader:
-                x, y = self.trainer.prepare_batch(x, y)
-                if y.shape[0] // self.layout.replicas < self._need:  # every row sees B: all skip it alike
+            for x, y in loader:  # this row's batches (its shard)
+                sizes = row_sizes(len(y), self._replicas_group, self.device, self.name)
+                if min(sizes) < self._need:  # every row sees every row's size: all skip it alike
                     continue  # (a last batch that would leave a row fewer samples than BatchNorm needs)
-                yield self._share(x, y)
+                yield *self.trainer.prepare_batch(x, y), sum(sizes)
             return
         while (msg := self.inbound.recv()) is not None:
             yield msg
@@ -239,8 +245,7 @@ class DistributedDGL:
         n = len(self.stages)
         acc = (torch.zeros(n, dtype=torch.float64, device=self.device),
                torch.zeros(n, dtype=torch.long, device=self.device), [0] * n)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.epoch)
+        set_epoch(loader, self.epoch)
         start = time.perf_counter()
         inputs = self._inputs(loader, progress) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
         for h, y, total in inputs:
@@ -278,7 +283,8 @@ class DistributedDGL:
     def fit(self, loader: Iterable | None, epochs: int, lr_schedule: Callable[[int], float] | None = None,
             callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None,
             progress: bool = False) -> list[dict]:
-        """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only), after
+        """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only: this
+        replica row's batches, e.g. :meth:`shard`'s or a TensorLoader's ``share_of``), after
         every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch. A
         loader batch size that leaves a replica row fewer samples than it needs (2 with BatchNorm)
         is refused before the first step, a last batch that would is skipped by every row; a
@@ -293,10 +299,12 @@ class DistributedDGL:
         agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument",
               group=self._ctl)
         size = getattr(loader, "batch_size", None) if self.feeds else None
-        problems = [p for p in self._gather(check_batch_size(size, self.layout.replicas, self._need), "the batch sizes")
-                    if p]
+        rows, problem = loader_rows(loader, self.replica, self.layout.replicas, self.name) if self.feeds else (1, None)
+        if problem is None and (problem := check_batch_size(size, rows, self._need)):
+            problem += "; pass a larger batch size or fewer replicas"
+        problems = [p for p in self._gather(problem, "the batch sizes") if p]
         if problems:  # every rank refuses before the first step
-            raise ValueError(f"{problems[0]}; pass a larger batch size or fewer replicas")
+            raise ValueError(problems[0])
         check_lr_plan(self.trainer.lr_factors, factors, self.epoch)
         self.trainer.lr_factors = factors
         records = []
@@ -314,7 +322,7 @@ class DistributedDGL:
     @torch.no_grad()
     def evaluate(self, loader: Iterable | None) -> list[float]:
         """Accuracy of every stage's head on ``loader`` (given on every feeding rank; each replica
-        row evaluates its share of each batch), the pipeline run forward in eval mode; every rank
+        row evaluates its loader's batches: its shard), the pipeline run forward in eval mode; every rank
         returns the list (rank 0 prints it)."""
         self.trainer.model.eval()
         n = len(self.stages)
@@ -322,12 +330,10 @@ class DistributedDGL:
         if self.feeds:
             if loader is None:
                 raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
-            inputs = (self._share(*self.trainer.prepare_batch(x, y, training=False)) for x, y in loader)
+            inputs = ((*self.trainer.prepare_batch(x, y, training=False), 0) for x, y in loader if len(y))
         else:
             inputs = iter(self.inbound.recv, None)
-        for h, y, _ in inputs:
-            if y.shape[0] == 0:  # a batch smaller than the replicas: this row's share is empty
-                continue
+        for h, y, _ in inputs:  # (a row's empty share of a batch smaller than the replicas is not sent)
             for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
                 h = stage(h)
                 hits[i] += int((head(h).argmax(1) == y).sum())
