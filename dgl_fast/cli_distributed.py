@@ -4,7 +4,8 @@
 row's feeding rank loads only its share of every ``--batch-size`` batch; ``--sync-bn``:
 SyncBatchNorm over the replicas, CUDA only);
 ``--timeout`` bounds every exchange and collective; ``--out`` receives a checkpoint set after
-every epoch (``--out/checkpoint/``: per-rank files and a manifest) and, from rank 0 only, the
+every epoch (``--out/checkpoint/``: sync mode one torch.distributed.checkpoint set any grid loads,
+async per-rank files; a manifest) and, from rank 0 only, the
 summary; ``--resume DIR`` continues from such a set. Every rank checks at start-up that all were
 launched with the same arguments (the fields named on a mismatch are the options)."""
 
@@ -87,7 +88,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         fields["training data"] = (spec.name, len(spec.train), fingerprint(spec.train))
         fields["held-out data"] = (spec.name, fingerprint(spec.test))
         placement = "balance"
-        if args.resume:  # the grid the checkpoint set was saved with (balancing again could choose another)
+        if args.resume:  # the placement of the saved grid, if this is it (balancing again could choose another)
             placement = _saved_placement(args)
         ddgl = DistributedDGL(model, optimizer=optimizer, placement=placement, device=device, replicas=args.replicas,
                               mode=args.mode, sync_bn=args.sync_bn,
@@ -176,11 +177,21 @@ def _report(out: str | None):
     return report
 
 
-def _saved_placement(args) -> list[int]:
-    """The placement of the checkpoint set ``--resume`` names, after checking its grid is this launch's."""
+def _saved_placement(args) -> list[int] | str:
+    """The placement of the checkpoint set ``--resume`` names, after checking its grid is this
+    launch's; a synchronous (DCP) set resumes on any grid: its placement on the same one, else
+    ``"balance"``."""
     from .checkpoint import CheckpointError  # noqa: PLC0415
-    from .distributed import files  # noqa: PLC0415
+    from .distributed import files, resharding  # noqa: PLC0415
 
+    if resharding.is_dcp(args.resume):
+        try:
+            _, meta = resharding.verify(args.resume, args.mode)
+        except (OSError, CheckpointError, ValueError) as exc:
+            raise ValueError(f"argument --resume: {exc}") from None
+        saved = meta["saved_on"]
+        same = saved["world_size"] == int(os.environ.get("WORLD_SIZE", 1)) and saved["replicas"] == args.replicas
+        return list(saved["placement"]) if same else "balance"
     try:
         manifest = files.read_manifest(args.resume)
         files.check_grid(manifest, args.resume, int(os.environ.get("WORLD_SIZE", 1)), args.replicas)

@@ -313,37 +313,37 @@ def test_async_ranks_finish_their_epoch_while_the_last_stage_is_held(tmp_path):
 
 def _resume_worker(rank, world, out):
     """An uninterrupted run, then a run stopped after epoch 1 and one resumed from its checkpoint
-    set: three runners in turn on the same processes (each runner makes its own groups)."""
+    (torch.distributed.checkpoint) on the same placement and one on another: four runners in turn
+    on the same processes (each runner makes its own groups)."""
     ckpt = os.path.join(out, "ckpt")
     states = {}
-    for phase in ("straight", "first", "resume"):
-        ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
+    for phase, placement in (("straight", [0, 0, 1]), ("first", [0, 0, 1]), ("resume", [0, 0, 1]),
+                             ("other", [0, 1, 1])):
+        ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=placement,
                               timeout=30)
         data = _data() if ddgl.feeds else None
         if phase == "first":
             ddgl.fit(data, epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=ckpt)
             continue
-        if phase == "resume":
+        if phase != "straight":
             ddgl.load(ckpt)
             assert ddgl.epoch == 1
-        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
+        # the resumed run checkpoints epochs 2 and 3: epoch 2's folder goes once epoch 3's is complete
+        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e,
+                 checkpoint_dir=os.path.join(out, "ck2") if phase == "resume" else None)
         states[phase] = ddgl.full_state_dict()
-    # all or nothing: another grid, then one rank's file changed -> every rank refuses, nothing loaded
-    other = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 1, 1],
-                           timeout=30)
-    with pytest.raises(CheckpointError, match=r"made on 2 stage groups x 1 replicas \(2 ranks, placement \[0, 0, 1\]\), "
-                       r"this launch has 2 stage groups x 1 replicas \(2 ranks, placement \[0, 1, 1\]\)"):
-        other.load(ckpt)
+    # all or nothing: one rank's file changed -> every rank refuses, naming it, nothing loaded
     dist.barrier()
     if rank == 1:
-        with open(os.path.join(ckpt, "rank-00001-epoch-00001.pt"), "r+b") as f:
+        with open(os.path.join(ckpt, "epoch-00001", "__1_0.distcp"), "r+b") as f:
             f.seek(100)
             f.write(b"\x00\x01")
     dist.barrier()
     ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
                           timeout=30)
     before = {k: v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"rank 1 \(stage 3\): .*does not match the manifest's SHA-256"):
+    with pytest.raises(CheckpointError, match=r"rank 0 \(stages 1-2\): .*epoch-00001/__1_0.distcp does not match the "
+                                              r"manifest's SHA-256"):
         ddgl.load(ckpt)
     assert all(torch.equal(before[k], v) for k, v in ddgl.trainer.model.state_dict().items()) and ddgl.epoch == 0
     if rank == 0:
@@ -352,12 +352,13 @@ def _resume_worker(rank, world, out):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     _spawn(_resume_worker, 2, str(tmp_path))
-    names = sorted(os.listdir(tmp_path / "ckpt"))
-    assert names == ["manifest.json", "rank-00000-epoch-00001.pt", "rank-00001-epoch-00001.pt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-00001", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "ck2")) == ["epoch-00003", "manifest.json"]
     states = torch.load(tmp_path / "states.pt")
-    a, b = states["straight"], states["resume"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    a = states["straight"]
+    for phase in ("resume", "other"):  # bitwise: the same ops on either placement
+        for k in a:
+            torch.testing.assert_close(a[k], states[phase][k], rtol=0, atol=0, msg=(phase, k))
 
 
 # ---------------------------------------------------------------------- start-up agreement

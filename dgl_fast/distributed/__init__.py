@@ -6,7 +6,8 @@
 - :mod:`.agreement`: the start-up check that every rank was launched alike (:class:`ConfigMismatch`).
 - :mod:`.replicas`: the device mesh; each stage and its head in DistributedDataParallel over its replicas.
 - :mod:`.sharding`: each replica row's feeding rank loads only its shard (DistributedSampler, shares).
-- :mod:`.files`: per-rank checkpoint files and their manifest.
+- :mod:`.files`: per-rank checkpoint files and their manifest (async mode).
+- :mod:`.resharding`: sync mode's checkpoints through torch.distributed.checkpoint, loadable on any grid.
 """
 
 from .agreement import ConfigMismatch, agree

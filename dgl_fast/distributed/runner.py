@@ -35,12 +35,11 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
 from ..buffer import ReplayBuffer
 from ..fitting import TrainingDiverged, check_lr_plan
 from ..model import DecoupledModel
 from ..trainer import Trainer
-from . import files
+from . import files, resharding
 from .agreement import agree, model_fingerprint
 from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
@@ -363,40 +362,41 @@ class DistributedDGL:
         return {k: v for part in self._gather(mine, "the model") for k, v in part.items()}
 
     def save(self, directory: str) -> None:
-        """Every rank writes its stages' trainer state (checksummed, atomic) into ``directory``;
-        rank 0 then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`)."""
+        """Checkpoint this epoch into ``directory``. Sync mode: one set through
+        ``torch.distributed.checkpoint`` that any grid of the model loads (:mod:`.resharding`).
+        Async mode: every rank writes its stages' trainer state (checksummed, atomic); rank 0
+        then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`; same grid only)."""
         self.trainer.epoch, self.trainer.history = self.epoch, self.history
+        if self.mode == "dgl":  # one set any grid can load (:mod:`.resharding`)
+            return resharding.save_set(self, directory, self._gather, self._ctl)
         digest, error = None, None
         try:
             digest = files.save_rank(self.trainer, directory, self.rank, self.epoch)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
             error = f"{self.name}: {type(exc).__name__}: {exc}"
         results = self._gather((digest, error), "the checkpoint digests")
-        self._raise_first([e for _, e in results if e], f"saving the checkpoint set in {directory}")
+        resharding.raise_first([e for _, e in results if e], f"saving the checkpoint set in {directory}")
         if self.rank == 0:
             try:
                 files.write_manifest(directory, self.layout, self.epoch, [d for d, _ in results], self.mode)
             except Exception as exc:  # noqa: BLE001
                 error = f"{self.name}: writing the manifest: {type(exc).__name__}: {exc}"
-        self._raise_first([e for e in self._gather(error, "the manifest") if e], f"saving in {directory}")
+        resharding.raise_first([e for e in self._gather(error, "the manifest") if e], f"saving in {directory}")
         files.remove_others(directory, self.rank, self.epoch)
 
-    def _raise_first(self, errors: list[str], what: str) -> None:
-        if errors:
-            more = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
-            raise checkpoint.CheckpointError(f"{what} failed: {errors[0]}{more}")
-
     def load(self, directory: str) -> None:
-        """Resume from :meth:`save`'s files: every rank checks the manifest (world, placement,
-        replicas) and its own file's digest; if any rank finds a problem all raise, naming it,
-        before any state changes."""
+        """Resume from :meth:`save`'s set (a sync set: saved on any grid; an async one: this grid):
+        every rank checks the manifest and the digests; if any rank finds a problem all raise,
+        naming it, before any state changes."""
         problem, state = None, None
+        if resharding.is_dcp(directory):
+            state = resharding.load_set(self, directory, self._gather, self._ctl)
         try:
-            state = files.load_rank(directory, self.layout, self.rank, self.mode)
+            state = state or files.load_rank(directory, self.layout, self.rank, self.mode)
             self.trainer.check_state(state)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
             problem = f"{self.name}: {exc}"
-        self._raise_first([p for p in self._gather(problem, "the checkpoint checks") if p],
+        resharding.raise_first([p for p in self._gather(problem, "the checkpoint checks") if p],
                           f"resuming from {directory}")
         self.trainer.load_state_dict(state)
         self.epoch, self.history = self.trainer.epoch, list(self.trainer.history)
