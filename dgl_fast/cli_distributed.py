@@ -63,6 +63,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     from .distributed import DistributedDGL  # noqa: PLC0415
 
     check_distributed_args(args)
+    restarted = _restart(args)  # before the agreement: --resume may change
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device.startswith("cuda")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -70,11 +71,13 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     backstop = datetime.timedelta(seconds=1.5 * args.timeout + 30)
     if use_cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=backstop, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=backstop)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=backstop, **_attempt_store(restarted, backstop),
+                            **({"device_id": device} if use_cuda else {}))
     try:
         rank = dist.get_rank()
+        if restarted is not None and rank == 0:
+            print(restarted[0], file=sys.stderr)
+            _log(args.out, restarted[1])
         spec, model = _start(args, device, load_data, build_model)
 
         def optimizer(params):
@@ -165,15 +168,60 @@ def _start(args, device, load_data, build_model):
     return result
 
 
+def _restart(args) -> tuple[str, dict] | None:
+    """Under ``torchrun --max-restarts N``, an attempt after the first (``TORCHELASTIC_RESTART_COUNT``
+    > 0) resumes from the last complete checkpoint in ``--out`` (else from ``--resume``, else from
+    the start); returns the line to log and the ``metrics.jsonl`` record (None: a first attempt)."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count < 1:
+        return None
+    from .distributed import files  # noqa: PLC0415
+
+    ckpt = os.path.join(args.out, "checkpoint") if args.out else None
+    epoch = None
+    if ckpt is not None and os.path.exists(os.path.join(ckpt, files.MANIFEST)):
+        with open(os.path.join(ckpt, files.MANIFEST)) as f:
+            epoch = json.load(f).get("epoch")
+        args.resume = ckpt
+    source = (f"resuming from epoch {epoch} of {ckpt}" if epoch is not None else
+              f"no complete checkpoint in --out: resuming from {args.resume}" if args.resume else
+              "no complete checkpoint in --out: starting from the beginning")
+    cause = "a rank of the previous attempt failed or stalled (torchrun's log names it)"
+    record = {"event": "restart", "restart": count, "cause": cause, "resumed_from_epoch": epoch or 0}
+    return f"restart {count} (torchrun --max-restarts): {cause}; {source}", record
+
+
+def _attempt_store(restarted, timeout) -> dict:
+    """``init_process_group`` arguments of a restarted attempt: torchrun's agent store with this
+    attempt's prefix. (On torch 2.14 a restarted attempt that joins through ``env://`` reads the
+    failed attempt's addresses from the same store and every rank fails to connect; a plain
+    15-line gloo script under ``torchrun --max-restarts 1`` shows it.)"""
+    if restarted is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist  # noqa: PLC0415
+
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    count = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"dgl_fast/attempt-{count}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
+
+
+def _log(out: str | None, record: dict) -> None:
+    """A line of ``metrics.jsonl`` in ``out`` (nothing without ``--out``)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _report(out: str | None):
     """Rank 0's epoch callback: one line on stderr and, with ``--out``, a line of metrics.jsonl."""
     def report(rec: dict) -> None:
         accs = " ".join("-" if a is None else f"{100 * a:.1f}" for a in rec["train_acc"])
         print(f"epoch {rec['epoch']}: train accuracy per stage {accs} %, {rec['time_s']:.1f} s", file=sys.stderr)
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        _log(out, rec)
     return report
 
 
