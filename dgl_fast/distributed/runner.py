@@ -293,7 +293,7 @@ class DistributedDGL:
         factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
         if self.feeds and self.layout.replicas > 1 and not hasattr(loader, "__len__"):
             raise ValueError(f"{self.name}: with replicas every replica row must run as many batches: pass a loader "
-                             "with a length (len(loader)), the same batches on every row")
+                             "with a length (len(loader)), as many batches on every row")
         batches = len(loader) if self.feeds and hasattr(loader, "__len__") else None
         agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument",
               group=self._ctl)
