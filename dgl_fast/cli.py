@@ -105,6 +105,8 @@ def _train_parser(sub) -> None:
                    help="place stages across torch.distributed ranks: launch with torchrun (NCCL on GPUs, gloo on CPUs)")
     e.add_argument("--replicas", type=positive_int, default=1,
                    help="--distributed: replica rows; WORLD_SIZE / REPLICAS stage groups each, gradients averaged")
+    e.add_argument("--sync-bn", action="store_true",
+                   help="--distributed with --replicas: BatchNorm as SyncBatchNorm over the replicas (CUDA only)")
     e.add_argument("--timeout", type=positive_float, default=300.0,
                    help="--distributed: seconds any exchange with another rank may wait before this rank stops")
     a = p.add_argument_group("asynchronous DGL (--mode async only; refused with another mode)")

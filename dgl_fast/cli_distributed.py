@@ -1,8 +1,11 @@
 """``torchrun ... -m dgl_fast train --distributed``: DGL over a grid of ranks (DistributedDGL).
 
-``--replicas R`` splits the world into R replica rows of ``WORLD_SIZE / R`` stage groups;
+``--replicas R`` splits the world into R replica rows of ``WORLD_SIZE / R`` stage groups (each
+row's feeding rank loads only its share of every ``--batch-size`` batch; ``--sync-bn``:
+SyncBatchNorm over the replicas, CUDA only);
 ``--timeout`` bounds every exchange and collective; ``--out`` receives a checkpoint set after
-every epoch (``--out/checkpoint/``: per-rank files and a manifest) and, from rank 0 only, the
+every epoch (``--out/checkpoint/``: sync mode one torch.distributed.checkpoint set any grid loads,
+async per-rank files; a manifest) and, from rank 0 only, the
 summary; ``--resume DIR`` continues from such a set. Every rank checks at start-up that all were
 launched with the same arguments (the fields named on a mismatch are the options)."""
 
@@ -21,7 +24,7 @@ from .cli_checks import check_resumed_optimizer, run_options
 
 _AGREED = ("model", "aux", "mode", "stages", "block_size", "depth", "width", "hidden", "epochs", "batch_size", "lr",
            "momentum", "weight_decay", "lr_step", "lr_decay", "data", "in_size", "seed", "replicas", "timeout",
-           "buffer_capacity", "policy", "max_reuse", "resume")
+           "buffer_capacity", "policy", "max_reuse", "resume", "sync_bn")
 
 
 def check_distributed_args(args) -> None:
@@ -41,6 +44,8 @@ def check_distributed_args(args) -> None:
                          f"expected --batch-size >= {2 * args.replicas} (or fewer --replicas)")
     if world % args.replicas:
         raise ValueError(f"argument --replicas: must divide the {world} ranks (WORLD_SIZE), got {args.replicas}")
+    if args.sync_bn and not args.device.startswith("cuda"):
+        raise ValueError(f"argument --sync-bn: PyTorch's SyncBatchNorm needs CUDA devices, got --device {args.device}")
     if args.mode == "async" and args.replicas != 1:
         raise ValueError("argument --replicas: --mode async runs one replica row, got --replicas "
                          f"{args.replicas}")
@@ -58,6 +63,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     from .distributed import DistributedDGL  # noqa: PLC0415
 
     check_distributed_args(args)
+    restarted = _restart(args)  # before the agreement: --resume may change
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device.startswith("cuda")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -65,11 +71,13 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     backstop = datetime.timedelta(seconds=1.5 * args.timeout + 30)
     if use_cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=backstop, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=backstop)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=backstop, **_attempt_store(restarted, backstop),
+                            **({"device_id": device} if use_cuda else {}))
     try:
         rank = dist.get_rank()
+        if restarted is not None and rank == 0:
+            print(restarted[0], file=sys.stderr)
+            _log(args.out, restarted[1])
         spec, model = _start(args, device, load_data, build_model)
 
         def optimizer(params):
@@ -83,10 +91,10 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         fields["training data"] = (spec.name, len(spec.train), fingerprint(spec.train))
         fields["held-out data"] = (spec.name, fingerprint(spec.test))
         placement = "balance"
-        if args.resume:  # the grid the checkpoint set was saved with (balancing again could choose another)
+        if args.resume:  # the placement of the saved grid, if this is it (balancing again could choose another)
             placement = _saved_placement(args)
         ddgl = DistributedDGL(model, optimizer=optimizer, placement=placement, device=device, replicas=args.replicas,
-                              mode=args.mode,
+                              mode=args.mode, sync_bn=args.sync_bn,
                               timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
                               max_reuse=args.max_reuse, fingerprint=fields)
         if rank == 0 and ddgl.balance is not None:
@@ -98,10 +106,12 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
         ddgl.trainer.run_options = run_options(args)
         ckpt = os.path.join(args.out, "checkpoint") if args.out else None
         start = time.perf_counter()
-        records = ddgl.fit(spec.train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
+        # a feeding rank loads only its replica row's share of each batch (its order from --seed)
+        train, test = (spec.train.share_of(ddgl.replica, args.replicas), spec.test.share_of(ddgl.replica, args.replicas))
+        records = ddgl.fit(train if ddgl.feeds else None, epochs=args.epochs, lr_schedule=lr_schedule(args),
                            checkpoint_dir=ckpt, progress=not args.no_progress,
                            callback=_report(args.out) if rank == 0 else None)
-        acc = ddgl.evaluate(spec.test if ddgl.feeds else None)
+        acc = ddgl.evaluate(test if ddgl.feeds else None)
         state = ddgl.full_state_dict()
         if rank == 0:
             copy.deepcopy(model).load_state_dict(state)  # the gathered state is a whole model's
@@ -158,23 +168,78 @@ def _start(args, device, load_data, build_model):
     return result
 
 
+def _restart(args) -> tuple[str, dict] | None:
+    """Under ``torchrun --max-restarts N``, an attempt after the first (``TORCHELASTIC_RESTART_COUNT``
+    > 0) resumes from the last complete checkpoint in ``--out`` (else from ``--resume``, else from
+    the start); returns the line to log and the ``metrics.jsonl`` record (None: a first attempt)."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count < 1:
+        return None
+    from .distributed import files  # noqa: PLC0415
+
+    ckpt = os.path.join(args.out, "checkpoint") if args.out else None
+    epoch = None
+    if ckpt is not None and os.path.exists(os.path.join(ckpt, files.MANIFEST)):
+        with open(os.path.join(ckpt, files.MANIFEST)) as f:
+            epoch = json.load(f).get("epoch")
+        args.resume = ckpt
+    source = (f"resuming from epoch {epoch} of {ckpt}" if epoch is not None else
+              f"no complete checkpoint in --out: resuming from {args.resume}" if args.resume else
+              "no complete checkpoint in --out: starting from the beginning")
+    cause = "a rank of the previous attempt failed or stalled (torchrun's log names it)"
+    record = {"event": "restart", "restart": count, "cause": cause, "resumed_from_epoch": epoch or 0}
+    return f"restart {count} (torchrun --max-restarts): {cause}; {source}", record
+
+
+def _attempt_store(restarted, timeout) -> dict:
+    """``init_process_group`` arguments of a restarted attempt: torchrun's agent store with this
+    attempt's prefix. (On torch 2.14 a restarted attempt that joins through ``env://`` reads the
+    failed attempt's addresses from the same store and every rank fails to connect; a plain
+    15-line gloo script under ``torchrun --max-restarts 1`` shows it.)"""
+    if restarted is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist  # noqa: PLC0415
+
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    count = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"dgl_fast/attempt-{count}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
+
+
+def _log(out: str | None, record: dict) -> None:
+    """A line of ``metrics.jsonl`` in ``out`` (nothing without ``--out``)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _report(out: str | None):
     """Rank 0's epoch callback: one line on stderr and, with ``--out``, a line of metrics.jsonl."""
     def report(rec: dict) -> None:
         accs = " ".join("-" if a is None else f"{100 * a:.1f}" for a in rec["train_acc"])
         print(f"epoch {rec['epoch']}: train accuracy per stage {accs} %, {rec['time_s']:.1f} s", file=sys.stderr)
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        _log(out, rec)
     return report
 
 
-def _saved_placement(args) -> list[int]:
-    """The placement of the checkpoint set ``--resume`` names, after checking its grid is this launch's."""
+def _saved_placement(args) -> list[int] | str:
+    """The placement of the checkpoint set ``--resume`` names, after checking its grid is this
+    launch's; a synchronous (DCP) set resumes on any grid: its placement on the same one, else
+    ``"balance"``."""
     from .checkpoint import CheckpointError  # noqa: PLC0415
-    from .distributed import files  # noqa: PLC0415
+    from .distributed import files, resharding  # noqa: PLC0415
 
+    if resharding.is_dcp(args.resume):
+        try:
+            _, meta = resharding.verify(args.resume, args.mode)
+        except (OSError, CheckpointError, ValueError) as exc:
+            raise ValueError(f"argument --resume: {exc}") from None
+        saved = meta["saved_on"]
+        same = saved["world_size"] == int(os.environ.get("WORLD_SIZE", 1)) and saved["replicas"] == args.replicas
+        return list(saved["placement"]) if same else "balance"
     try:
         manifest = files.read_manifest(args.resume)
         files.check_grid(manifest, args.resume, int(os.environ.get("WORLD_SIZE", 1)), args.replicas)

@@ -47,21 +47,24 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
+                     part: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-image random crop (zero padding ``padding``) and horizontal flip of a batch [B, C, H, W].
 
     Equivalent to torchvision's ``RandomCrop(H, padding)`` then ``RandomHorizontalFlip()`` applied
-    to each image, done for the whole batch at once on its device.
+    to each image, done for the whole batch at once on its device. ``part=(start, total)``: ``x``
+    is images ``start ... start + B`` of a batch of ``total``, which get that batch's draws.
     """
     B, _, H, W = x.shape
     dev = x.device
+    start, total = part if part is not None else (0, B)
     # drawn on the host (the same numbers on every device), sent in one non-blocking copy from
     # pinned memory: the host never waits for the device here
-    draws = torch.empty(3, B, dtype=torch.long, pin_memory=dev.type == "cuda")
+    draws = torch.empty(3, total, dtype=torch.long, pin_memory=dev.type == "cuda")
     draws[0].random_(0, 2 * padding + 1, generator=generator)
     draws[1].random_(0, 2 * padding + 1, generator=generator)
-    draws[2] = torch.rand(B, generator=generator) < 0.5
-    ox, oy, flip = draws.to(dev, non_blocking=True).unbind(0)
+    draws[2] = torch.rand(total, generator=generator) < 0.5
+    ox, oy, flip = draws[:, start:start + B].to(dev, non_blocking=True).unbind(0)
     flip = flip.bool()
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (oy[:, None] + torch.arange(H, device=dev)[None, :])  # [B, H]
@@ -85,11 +88,15 @@ class TensorLoader:
         device: where batches are produced; the dataset is moved there once.
         drop_last: drop a final partial batch. A final batch of one sample is always dropped when
             training (BatchNorm cannot train on it).
+        share: ``(row, rows)``: yield only replica row ``row``'s share of every batch (of ``rows``
+            contiguous shares as ``tensor_split`` cuts it), reading, converting and augmenting only
+            those samples, with the whole batch's order and draws: the rows' shares of a step
+            concatenate to the unshared loader's batch, bitwise (:meth:`share_of`).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, *,
                  mean=None, std=None, augment: bool = False, device="cpu", seed: int = 0, drop_last: bool = False,
-                 train: bool | None = None):
+                 train: bool | None = None, share: tuple[int, int] | None = None):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"expected as many labels as images, got {x.shape[0]} images and {y.shape[0]} labels")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -103,6 +110,17 @@ class TensorLoader:
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
         self.epoch = 0
+        if share is not None and not (len(share) == 2 and all(isinstance(v, int) for v in share)
+                                      and 0 <= share[0] < share[1]):
+            raise ValueError(f"share must be (row, rows) with 0 <= row < rows, got {share!r}")
+        self.share = None if share is None else tuple(share)
+
+    def share_of(self, row: int, rows: int) -> TensorLoader:
+        """This loader loading only replica row ``row``'s share of each batch (``share=(row, rows)``)."""
+        return TensorLoader(self.x, self.y, self.batch_size, self.shuffle, augment=self.augment, device=self.device,
+                            seed=self.seed, drop_last=self.drop_last, train=self.train, share=(row, rows),
+                            mean=None if self.mean is None else self.mean.flatten().tolist(),
+                            std=None if self.std is None else self.std.flatten().tolist())
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle (and augmentation) of ``epoch``."""
@@ -126,6 +144,12 @@ class TensorLoader:
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min(n, (i + 1) * self.batch_size)
+            part = (0, hi - lo)
+            if self.share is not None:  # this row's share of the batch, as tensor_split cuts it
+                base, extra = divmod(hi - lo, self.share[1])
+                row = self.share[0]
+                part = (row * base + min(row, extra), hi - lo)
+                lo, hi = lo + part[0], lo + part[0] + base + (row < extra)
             if order is None:
                 xb, yb = self.x[lo:hi], self.y[lo:hi]
             else:
@@ -133,7 +157,7 @@ class TensorLoader:
                 xb, yb = self.x[idx], self.y[idx]
             xb = self._convert(xb)
             if self.augment:
-                xb = random_crop_flip(xb, 4, gen)
+                xb = random_crop_flip(xb, 4, gen, part)
             yield xb, yb
 
 

@@ -3,10 +3,10 @@
 As ``torch.amp.GradScaler`` skips a step, the decision stays on the device (no host
 synchronisation, so it also runs inside CUDA graphs): the optimizer's own step runs unchanged, then
 a 0-dim flag ``bad = ~isfinite(loss) | any non-finite gradient`` (torch's multi-tensor amp check,
-one kernel per device and dtype, on the gradients as the step's pre-hooks left them: replicas that
-average gradients there decide alike) selects back every tensor the step may have changed with
-``torch.where(bad, old, new)``. This works for any ``torch.optim`` optimizer (and for
-:class:`~dgl_fast.schedules.GraphSGD`), and a finite step is bitwise the optimizer's own.
+one kernel per device and dtype, on the gradients as the backward and the step's pre-hooks left
+them: replicas that average gradients there, as DDP does in the backward, decide alike) selects
+back every tensor the step may have changed with ``torch.where(bad, old, new)``. This works for any
+``torch.optim`` optimizer (and for :class:`~dgl_fast.schedules.GraphSGD`), and a finite step is bitwise the optimizer's own.
 
 What a skipped step leaves exactly as it was: the parameters that had gradients, their optimizer
 state tensors (momentum buffers, Adam's moments and step count; weight decay and momentum cannot
@@ -77,9 +77,9 @@ class StepGuard:
         keys = [(p, k) for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
         old = _copy(params + [opt.state[p][k] for p, k in keys])
         run()
-        # the gradients as the step used them: after its pre-hooks (the distributed runner's
-        # replica averaging finishes there, so every replica decides alike); torch's optimizers
-        # never write them
+        # the gradients as the step used them: after the backward (the distributed runner's DDP
+        # averages the replicas' gradients inside it) and the step's pre-hooks, so every replica
+        # decides alike; torch's optimizers never write them
         bad = nonfinite(loss, [p.grad for p in params])
         had = {(id(p), k) for p, k in keys}
         for p in params:

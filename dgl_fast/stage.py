@@ -93,11 +93,16 @@ class StageStep(_Precision):
         self.index, self.stage, self.head, self.optimizer = index, stage, head, optimizer
         #: the head's loss needs the network's input image (InfoPro): pass it as ``image``
         self.needs_image = bool(getattr(head, "needs_image", False))
+        #: None, or a module ``(h_in, y, image) -> (h, loss, correct)`` run in place of the stage and
+        #: the head (the distributed runner's DistributedDataParallel over both, one forward a step)
+        self.forward_module: nn.Module | None = None
 
     def forward_loss(self, h_in: torch.Tensor, y: torch.Tensor, image: torch.Tensor | None = None):
         """Stage forward and head loss under autocast: ``(h, loss, correct)``, ``h`` attached.
         ``image``: the input batch, for a head that ``needs_image``."""
         with self.autocast():
+            if self.forward_module is not None:
+                return self.forward_module(h_in.detach(), y, image)
             h = self.stage(h_in.detach())
             loss, correct = head_loss(self.head, h, y, image)
         return h, loss, correct

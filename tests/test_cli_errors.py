@@ -298,6 +298,8 @@ def test_batch_sizes_batchnorm_cannot_train_name_the_flag(monkeypatch, capsys):
     _refused(SYNTH + ["--distributed", "--replicas", "2", "--batch-size", "3"], capsys,
              "error: argument --batch-size: --batch-size 3 split over --replicas 2 leaves a replica row 1 sample(s), "
              "BatchNorm needs 2 a row: expected --batch-size >= 4")
+    _refused(SYNTH + ["--distributed", "--replicas", "2", "--sync-bn", "--device", "cpu"], capsys,
+             "error: argument --sync-bn: PyTorch's SyncBatchNorm needs CUDA devices, got --device cpu")
     _refused(SYNTH + ["--distributed", "--timeout", "0.001"], capsys,
              "error: argument --timeout: expected seconds from 1 to 1e7, got 0.001")
 

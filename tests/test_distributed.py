@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 import dgl_fast
 from dgl_fast.checkpoint import CheckpointError
 from dgl_fast.data import TensorLoader
 from dgl_fast.distributed import ConfigMismatch, DistributedDGL, Layout, even_placement
+from dgl_fast.distributed.sharding import shard_loader
 from dgl_fast.fitting import TrainingDiverged
 from helpers import assert_same_state, batches, sgd, small_model
 
@@ -110,48 +112,126 @@ def test_pipeline_equals_sequential(tmp_path, world, K, placement):
 
 # ---------------------------------------------------------------------- stage groups x replicas
 
+class _Counted(torch.utils.data.Dataset):
+    """A map-style dataset that records every index read (a feeding rank's loading)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.read = x, y, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return self.x[i], self.y[i]
+
+
+_N, _SEED = 55, 5  # odd: DistributedSampler drops one sample an epoch so that both rows get 27
+
+
+def _row_shares(data, r):
+    """Replica row r's share of each whole batch (the user's own loader of its shard)."""
+    return [(x.tensor_split(2)[r], y.tensor_split(2)[r]) for x, y in data]
+
+
 def _grid_worker(rank, world, out, replicas):
     model = _nobn_model(4)
-    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30)
+    ddgl = DistributedDGL(model, optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30,
+                          ddp_options={"gradient_as_bucket_view": True})  # DDP's options pass through
     assert ddgl.layout.coords(rank) == divmod(rank, 2)
-    ddgl.fit(_data(B=10, dtype=torch.float64) if ddgl.feeds else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
+    # each stage step runs its stage and head in DDP over its stage group's replicas (the mesh's "replica" group)
+    assert all(isinstance(s.forward_module, DistributedDataParallel) and s.forward_module.gradient_as_bucket_view
+               for s in ddgl.trainer.steps)
+    assert ddgl.mesh.mesh.tolist() == [[0, 1], [2, 3]] and dist.get_process_group_ranks(
+        ddgl.mesh.get_group("replica")) == [rank % 2, rank % 2 + 2]
+    # epochs 1-2: each feeding rank loads only its shard (DistributedSampler), 5 of every 10-sample step
+    data = _Counted(*batches(1, B=_N, seed=11, dtype=torch.float64)[0])
+    ddgl.fit(ddgl.shard(data, 10, seed=_SEED) if ddgl.feeds else None, epochs=2, lr_schedule=lambda e: 0.5 ** e)
+    # epoch 3: the rows' own loaders, shares 6/5 of 11 (the weights b_r / B of the communication hook)
+    ddgl.fit(_row_shares(_data(B=11, dtype=torch.float64), ddgl.replica) if ddgl.feeds else None, epochs=3,
+             lr_schedule=lambda e: 0.5 ** e)
     state = ddgl.full_state_dict()
     mine = {f"{k}": v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
+    params = sum(1 for s in ddgl.trainer.steps for m in (s.stage, s.head) for _ in m.parameters())
+    # a NaN in replica row 2's share only: DDP averages it into every replica's gradients in the
+    # backward, so the step guard skips the step on both rows alike (nothing changes anywhere)
+    x, y = batches(1, B=10, seed=9, dtype=torch.float64)[0]
+    x[5:, 0, 1, 2] = float("nan")
+    with pytest.raises(TrainingDiverged, match="training diverged in epoch 4"):
+        ddgl.train_epoch(_row_shares([(x, y)], ddgl.replica) if ddgl.feeds else None)
+    assert [bool(s.skipped) for s in ddgl.trainer.steps] == [True, True]
+    assert all(torch.equal(mine[k], v) for k, v in ddgl.trainer.model.state_dict().items())
     parts = [None] * world
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, (mine, ddgl.replication.calls, params, data.read if ddgl.feeds else None))
     if rank == 0:
         torch.save({"state": state, "parts": parts}, os.path.join(out, "result.pt"))
-    # with BatchNorm each replica row needs 2 samples of every batch (same launch)
+    # with BatchNorm each replica row needs 2 samples of every batch (same launch); a TensorLoader
+    # share loads row r's part of every batch, refused for another row
     bn = DistributedDGL(small_model(4), optimizer=sgd, placement=[0, 0, 1, 1], replicas=replicas, timeout=30)
     x, y = batches(1, B=11, seed=4)[0]
-    try:
-        bn.fit(TensorLoader(x, y, 3) if bn.feeds else None, epochs=1)  # 2/1 shares: BatchNorm failed inside torch
-        message = None
-    except ValueError as exc:
-        message = str(exc)
-    rec = bn.fit(TensorLoader(x, y, 4) if bn.feeds else None, epochs=1)[0]  # 4, 4, then 3 (2/1): skipped by all
+    messages = []
+    for size, row in ((3, bn.replica), (4, 1 - bn.replica)):
+        with pytest.raises(ValueError) as exc:  # 2/1 shares: BatchNorm failed inside torch
+            bn.fit(TensorLoader(x, y, size, share=(row, 2)) if bn.feeds else None, epochs=1)
+        messages.append(str(exc.value))
+    rec = bn.fit(TensorLoader(x, y, 4).share_of(bn.replica, 2) if bn.feeds else None, epochs=1)[0]  # 3 (2/1): skipped
     with open(os.path.join(out, f"bn-{rank}.json"), "w") as f:
-        json.dump({"message": message, "samples": rec["stage_samples"], "epoch": bn.epoch}, f)
+        json.dump({"messages": messages, "samples": rec["stage_samples"], "epoch": bn.epoch}, f)
+
+
+class _ByEpoch:
+    """The single-process reference's loader: epoch e's list of whole batches."""
+
+    def __init__(self, epochs):
+        self.epochs, self.epoch = epochs, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.epochs[self.epoch])
 
 
 def test_grid_of_groups_and_replicas_equals_the_whole_batch(tmp_path):
     _spawn(_grid_worker, 4, str(tmp_path), 2)
     for rank in range(4):  # replicas refuse too small batches before the first step, skip a last batch that splits 2/1
         got = json.loads((tmp_path / f"bn-{rank}.json").read_text())
-        assert got["message"] == ("a batch size of 3 split over 2 replica rows leaves a row 1 sample; each row needs at "
-                                  "least 2 (BatchNorm): expected a batch size >= 4; pass a larger batch size or fewer "
-                                  "replicas"), got
+        assert got["messages"] == [
+            "a batch size of 3 split over 2 replica rows leaves a row 1 sample; each row needs at least 2 (BatchNorm): "
+            "expected a batch size >= 4; pass a larger batch size or fewer replicas",
+            "rank 0 (replica 1, stages 1-2): the loader of replica row 1 of 2 must load share (0, 2), got share=(1, 2)"]
         assert got["samples"] == [8] * 4 and got["epoch"] == 1  # 2 batches of 4
     result = torch.load(tmp_path / "result.pt", weights_only=False)
+    # what each feeding rank read: exactly its DistributedSampler shard of each epoch, from the seed
+    x, y = batches(1, B=_N, seed=11, dtype=torch.float64)[0]
+    shards = []
+    for e in range(2):
+        rows = []
+        for r in range(2):
+            sampler = torch.utils.data.DistributedSampler(range(_N), 2, r, shuffle=True, seed=_SEED, drop_last=True)
+            sampler.set_epoch(e)
+            rows.append(list(sampler))
+        assert len(set(rows[0]) | set(rows[1])) == 54 and len(rows[0]) == len(rows[1]) == 27  # disjoint halves
+        shards.append(rows)
+    assert shards[0] != shards[1]  # reshuffled each epoch
+    for rank in (0, 2):
+        assert result["parts"][rank][3] == shards[0][rank // 2] + shards[1][rank // 2]
+    assert result["parts"][1][3] is None and result["parts"][3][3] is None
+    # the reference: each step's whole batch is the rows' batches side by side
+    whole = [[(torch.cat([x[rows[0][i:i + 5]], x[rows[1][i:i + 5]]]), torch.cat([y[rows[0][i:i + 5]], y[rows[1][i:i + 5]]]))
+              for i in range(0, 27, 5)] for rows in shards]
     ref = dgl_fast.Trainer(_nobn_model(4), optimizer=sgd, engine="sequential", channels_last=False)
     with one_thread():
-        ref.fit(_data(B=10, dtype=torch.float64), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+        ref.fit(_ByEpoch(whole + [_data(B=11, dtype=torch.float64)]), epochs=3, lr_schedule=lambda e: 0.5 ** e,
+                progress=False)
     got = _nobn_model(4)
     got.load_state_dict(result["state"])
     assert_same_state(got, ref.model, rtol=1e-10, atol=1e-10)  # (g1 b1 + g2 b2) / B: rounding only
     for a, b in ((0, 2), (1, 3)):  # the replicas of a stage group hold the same weights, bitwise
-        for k in result["parts"][a]:
-            torch.testing.assert_close(result["parts"][a][k], result["parts"][b][k], rtol=0, atol=0)
+        for k in result["parts"][a][0]:
+            torch.testing.assert_close(result["parts"][a][0][k], result["parts"][b][0][k], rtol=0, atol=0)
+    for _, calls, params, _ in result["parts"]:  # 19 steps of 2 stages, one bucket each: not one message a parameter
+        assert calls == 19 * 2 and params == 8, (calls, params)
     untrained = _nobn_model(4).state_dict()
     assert any(not torch.equal(untrained[k], v) for k, v in result["state"].items())
 
@@ -233,37 +313,37 @@ def test_async_ranks_finish_their_epoch_while_the_last_stage_is_held(tmp_path):
 
 def _resume_worker(rank, world, out):
     """An uninterrupted run, then a run stopped after epoch 1 and one resumed from its checkpoint
-    set: three runners in turn on the same processes (each runner makes its own groups)."""
+    (torch.distributed.checkpoint) on the same placement and one on another: four runners in turn
+    on the same processes (each runner makes its own groups)."""
     ckpt = os.path.join(out, "ckpt")
     states = {}
-    for phase in ("straight", "first", "resume"):
-        ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
+    for phase, placement in (("straight", [0, 0, 1]), ("first", [0, 0, 1]), ("resume", [0, 0, 1]),
+                             ("other", [0, 1, 1])):
+        ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=placement,
                               timeout=30)
         data = _data() if ddgl.feeds else None
         if phase == "first":
             ddgl.fit(data, epochs=1, lr_schedule=lambda e: 0.5 ** e, checkpoint_dir=ckpt)
             continue
-        if phase == "resume":
+        if phase != "straight":
             ddgl.load(ckpt)
             assert ddgl.epoch == 1
-        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e)
+        # the resumed run checkpoints epochs 2 and 3: epoch 2's folder goes once epoch 3's is complete
+        ddgl.fit(data, epochs=3, lr_schedule=lambda e: 0.5 ** e,
+                 checkpoint_dir=os.path.join(out, "ck2") if phase == "resume" else None)
         states[phase] = ddgl.full_state_dict()
-    # all or nothing: another grid, then one rank's file changed -> every rank refuses, nothing loaded
-    other = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 1, 1],
-                           timeout=30)
-    with pytest.raises(CheckpointError, match=r"made on 2 stage groups x 1 replicas \(2 ranks, placement \[0, 0, 1\]\), "
-                       r"this launch has 2 stage groups x 1 replicas \(2 ranks, placement \[0, 1, 1\]\)"):
-        other.load(ckpt)
+    # all or nothing: one rank's file changed -> every rank refuses, naming it, nothing loaded
     dist.barrier()
     if rank == 1:
-        with open(os.path.join(ckpt, "rank-00001-epoch-00001.pt"), "r+b") as f:
+        with open(os.path.join(ckpt, "epoch-00001", "__1_0.distcp"), "r+b") as f:
             f.seek(100)
             f.write(b"\x00\x01")
     dist.barrier()
     ddgl = DistributedDGL(small_model(3, seed=3, aux="mlp-sr", fused=True), optimizer=sgd, placement=[0, 0, 1],
                           timeout=30)
     before = {k: v.clone() for k, v in ddgl.trainer.model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"rank 1 \(stage 3\): .*does not match the manifest's SHA-256"):
+    with pytest.raises(CheckpointError, match=r"rank 0 \(stages 1-2\): .*epoch-00001/__1_0.distcp does not match the "
+                                              r"manifest's SHA-256"):
         ddgl.load(ckpt)
     assert all(torch.equal(before[k], v) for k, v in ddgl.trainer.model.state_dict().items()) and ddgl.epoch == 0
     if rank == 0:
@@ -272,12 +352,13 @@ def _resume_worker(rank, world, out):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     _spawn(_resume_worker, 2, str(tmp_path))
-    names = sorted(os.listdir(tmp_path / "ckpt"))
-    assert names == ["manifest.json", "rank-00000-epoch-00001.pt", "rank-00001-epoch-00001.pt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch-00001", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "ck2")) == ["epoch-00003", "manifest.json"]
     states = torch.load(tmp_path / "states.pt")
-    a, b = states["straight"], states["resume"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    a = states["straight"]
+    for phase in ("resume", "other"):  # bitwise: the same ops on either placement
+        for k in a:
+            torch.testing.assert_close(a[k], states[phase][k], rtol=0, atol=0, msg=(phase, k))
 
 
 # ---------------------------------------------------------------------- start-up agreement
@@ -327,11 +408,39 @@ def test_layout_and_even_placement():
             DistributedDGL(small_model(2), optimizer=sgd)
 
 
+def test_tensor_loader_shares_concatenate_to_its_batches():
+    # each row reads only its share of each batch, with the whole batch's order and augmentation draws
+    g = torch.Generator().manual_seed(21)
+    x, y = (torch.rand(23, 3, 7, 5, generator=g) * 255).to(torch.uint8)[:, :, :, 1:], torch.randint(0, 4, (23,), generator=g)
+    whole = TensorLoader(x, y, 7, shuffle=True, augment=True, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), seed=3)
+    rows = [whole.share_of(r, 3) for r in range(3)]
+    assert all(len(r) == len(whole) == 4 for r in rows) and rows[1].share == (1, 3)
+    for epoch in (0, 1):
+        for loader in (whole, *rows):
+            loader.set_epoch(epoch)
+        shares = [list(r) for r in rows]
+        assert [len(b[1]) for b in shares[0]] == [3, 3, 3, 1] and [len(b[1]) for b in shares[2]] == [2, 2, 2, 0]
+        for i, (xb, yb) in enumerate(whole):  # 7, 7, 7, 2: shares 3/2/2, ..., 1/1/0
+            assert torch.equal(torch.cat([s[i][0] for s in shares]), xb) and torch.equal(
+                torch.cat([s[i][1] for s in shares]), yb)
+    with pytest.raises(ValueError, match=r"share must be \(row, rows\) with 0 <= row < rows, got \(2, 2\)"):
+        TensorLoader(x, y, 4, share=(2, 2))
+    with pytest.raises(ValueError, match="batch_size is the whole step's batch and must split evenly over the 2 replica "
+                                         "rows, got 9"):
+        shard_loader(torch.utils.data.TensorDataset(x, y), 9, 0, 2)
+
+
 def test_checks_in_a_one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match=r"placement must give each of the 2 stages a stage group.*got \[0, 1\]"):
             DistributedDGL(small_model(2), optimizer=sgd, placement=[0, 1])
+        with pytest.raises(ValueError, match=r"sync_bn needs CUDA devices \(PyTorch's SyncBatchNorm has no cpu "
+                                             r"implementation\), got device cpu"):
+            DistributedDGL(small_model(2), optimizer=sgd, sync_bn=True)
+        with pytest.raises(ValueError, match="ddp_options may set bucket_cap_mb, gradient_as_bucket_view, static_graph, "
+                                             "got 'broadcast_buffers'"):
+            DistributedDGL(small_model(2), optimizer=sgd, ddp_options={"broadcast_buffers": True})
         with pytest.raises(ValueError, match="amp, engine and mode cannot be set"):
             DistributedDGL(small_model(2), optimizer=sgd, amp="bf16")
         with pytest.raises(ValueError, match="replicas must divide the world size 1, got 2"):

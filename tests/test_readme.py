@@ -166,6 +166,6 @@ def test_documented_cli_options_exist():
         assert r.returncode == 0, r.stderr
         helps += r.stdout
     # torchrun's own options appear in the launch examples
-    torchrun = {"--nproc-per-node", "--nnodes", "--rdzv-endpoint"}
+    torchrun = {"--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--max-restarts"}
     missing = sorted(f for f in flags - torchrun if f not in helps)
     assert not missing, f"README's command line section names options the CLI does not have: {missing}"

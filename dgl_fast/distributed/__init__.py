@@ -4,8 +4,10 @@
   (synchronous or asynchronous DGL), with evaluation and checkpoints.
 - :mod:`.protocol`: the grid layout, checked message headers, timeouts, :class:`PeerError`.
 - :mod:`.agreement`: the start-up check that every rank was launched alike (:class:`ConfigMismatch`).
-- :mod:`.replicas`: gradient averaging of a stage group's replicas, overlapped with the backward.
-- :mod:`.files`: per-rank checkpoint files and their manifest.
+- :mod:`.replicas`: the device mesh; each stage and its head in DistributedDataParallel over its replicas.
+- :mod:`.sharding`: each replica row's feeding rank loads only its shard (DistributedSampler, shares).
+- :mod:`.files`: per-rank checkpoint files and their manifest (async mode).
+- :mod:`.resharding`: sync mode's checkpoints through torch.distributed.checkpoint, loadable on any grid.
 """
 
 from .agreement import ConfigMismatch, agree

@@ -20,7 +20,8 @@ import secrets
 from .. import checkpoint
 from .protocol import Layout
 
-__all__ = ["save_rank", "write_manifest", "remove_others", "load_rank", "read_manifest", "check_grid", "MANIFEST"]
+__all__ = ["save_rank", "write_manifest", "write_json", "sha256", "remove_others", "load_rank", "read_manifest", "check_grid",
+           "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "dgl_fast distributed checkpoint 1"
@@ -30,7 +31,8 @@ def _rank_file(rank: int, epoch: int) -> str:
     return f"rank-{rank:05d}-epoch-{epoch:05d}.pt"
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+    """The SHA-256 (hex) of the file at ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -43,21 +45,26 @@ def save_rank(trainer, directory: str, rank: int, epoch: int) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, _rank_file(rank, epoch))
     trainer.save(path)
-    return _sha256(path)
+    return sha256(path)
 
 
 def write_manifest(directory: str, layout: Layout, epoch: int, digests: list[str], mode: str) -> None:
     manifest = {"format": _FORMAT, "mode": mode, "world_size": layout.world, "replicas": layout.replicas,
                 "placement": list(layout.placement), "epoch": epoch,
                 "files": [{"rank": r, "file": _rank_file(r, epoch), "sha256": d} for r, d in enumerate(digests)]}
-    tmp = os.path.join(directory, f".{MANIFEST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    write_json(directory, MANIFEST, manifest)
+
+
+def write_json(directory: str, name: str, manifest: dict) -> None:
+    """Replace ``directory/name`` with ``manifest`` as JSON, atomically and durably."""
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for the rank files
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, MANIFEST))
+        os.replace(tmp, os.path.join(directory, name))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -129,7 +136,7 @@ def load_rank(directory: str, layout: Layout, rank: int, mode: str) -> dict:
     file = os.path.join(directory, entry["file"])
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} is missing")
-    if _sha256(file) != entry["sha256"]:
+    if sha256(file) != entry["sha256"]:
         raise checkpoint.CheckpointError(f"{file} does not match the manifest's SHA-256: it was written by "
                                          "another save than the manifest (a save interrupted on some rank?)")
     state = checkpoint.load(file)

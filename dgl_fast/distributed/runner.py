@@ -3,13 +3,14 @@
 No gradient crosses a stage boundary, so a stage placed on another process only ever needs the
 *activations* of its predecessor, never anything back. Ranks form a grid of ``G`` stage groups x
 ``R`` replicas (:class:`~dgl_fast.distributed.protocol.Layout`): rank ``(r, g)`` trains stage
-group ``g`` on replica row ``r``'s share of each batch and sends its output and labels to
-``(r, g + 1)``; the replicas of a stage group average gradients
-(:mod:`~dgl_fast.distributed.replicas`). In ``mode="dgl"`` (synchronous) the result is the
-single-process trainer's on the whole batch: bitwise with one replica, to rounding with several
-(for models without BatchNorm, see replicas.py). In ``mode="async"`` the receiving rank keeps
-what arrives in a :class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting
-for its slower neighbour (asynchronous between ranks, stage after stage inside one rank).
+group ``g`` on replica row ``r``'s share of each batch (the row's feeding rank loads only that:
+:mod:`.sharding`) and sends its output and labels to ``(r, g + 1)``; the replicas of a stage
+group average gradients through ``DistributedDataParallel`` (:mod:`.replicas`). In
+``mode="dgl"`` (synchronous) the result is the single-process trainer's on the whole batch:
+bitwise with one replica, to rounding with several (for models without BatchNorm, see
+replicas.py). In ``mode="async"`` the receiving rank keeps what arrives in a
+:class:`~dgl_fast.ReplayBuffer` and trains on samples of it without waiting for its slower
+neighbour (asynchronous between ranks, stage after stage inside one rank).
 A rule whose loss needs the network's input (InfoPro) gets it on every rank: the links towards
 ranks holding such a stage carry each batch's image with its activations (:class:`.protocol.Link`),
 and the receiving replay buffer of async mode keeps it per slot.
@@ -19,6 +20,7 @@ Launch one process per rank (``torchrun --nnodes N --nproc-per-node G``)::
     dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))   # "gloo" on CPUs
     net = dgl_fast.models.build("vgg13", block_size=3)          # same seed on every rank
     ddgl = DistributedDGL(net, optimizer=..., device=f"cuda:{local_rank}", replicas=2)
+    loader = ddgl.shard(train_set, batch_size=256, seed=0)      # this row's shard (feeding ranks)
     ddgl.fit(loader if ddgl.feeds else None, epochs=50, lr_schedule=..., checkpoint_dir="ckpt")
     acc = ddgl.evaluate(test_loader if ddgl.feeds else None)    # per-stage accuracy, every rank
 
@@ -36,16 +38,16 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
 from ..buffer import ReplayBuffer
 from ..fitting import TrainingDiverged, check_lr_plan
 from ..model import DecoupledModel
 from ..trainer import Trainer
-from . import files
+from . import files, resharding
 from .agreement import agree, model_fingerprint
 from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
-from .replicas import GradientAverager
+from .replicas import check_options, replica_mesh, replicate, sync_batchnorm
+from .sharding import loader_rows, row_sizes, set_epoch, shard_loader
 
 __all__ = ["DistributedDGL", "even_placement"]
 
@@ -72,12 +74,16 @@ class DistributedDGL:
         buffer_capacity, policy, max_reuse: the receiving ranks' replay buffers (async mode).
         fingerprint: more fields every rank must agree on (the CLI passes its arguments).
         max_in_flight: messages a rank may have outstanding before it waits for the oldest.
+        sync_bn: with replicas, BatchNorm as ``SyncBatchNorm`` over the replicas (CUDA only).
+        ddp_options: more ``DistributedDataParallel`` arguments for the replicas
+            (``bucket_cap_mb``, ``gradient_as_bucket_view``, ``static_graph``).
     """
 
     def __init__(self, model: DecoupledModel, optimizer: Callable | None = None, placement="balance",
                  replicas: int = 1, device="cpu", mode: str = "dgl", timeout: float = 300.0,
                  buffer_capacity: int = 4, policy: str = "priority_lifo", max_reuse: int | None = None,
-                 fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, **trainer_kwargs):
+                 fingerprint: dict | None = None, max_in_flight: int = 2, balance_batch: int = 32, sync_bn: bool = False,
+                 ddp_options: dict | None = None, **trainer_kwargs):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedDGL needs torch.distributed initialised (dist.init_process_group)")
         if model.input_shape is None:
@@ -91,6 +97,7 @@ class DistributedDGL:
             raise ValueError(f"timeout must be a positive number of seconds from 1 to 1e7, got {timeout!r}")
         self.rank, world = dist.get_rank(), dist.get_world_size()
         dev = torch.device(device)
+        check_options(sync_bn, ddp_options, dev)
         if dev.type == "cuda":  # first: NCCL (and object collectives) use the current device
             torch.cuda.set_device(dev)
         # The runner's own collectives (agreement, placement, metrics, checkpoints) run on a gloo
@@ -111,6 +118,7 @@ class DistributedDGL:
         self.name = self.layout.describe(self.rank)
         fields = {"world size": world, "replicas": replicas, "placement": self.placement, "mode": mode,
                   "dtype": str(next(model.parameters()).dtype), "timeout": self.timeout,
+                  "sync bn": sync_bn, "ddp options": sorted((ddp_options or {}).items()),
                   **model_fingerprint(model), **(fingerprint or {})}
         if mode == "async":
             fields.update({"buffer capacity": buffer_capacity, "policy": policy, "max reuse": max_reuse})
@@ -118,8 +126,13 @@ class DistributedDGL:
         shapes = model.check_shapes(model.input_shape)  # (per-sample output shape, logits) of every stage
         first = self.stages[0]
         in_shape = tuple(model.input_shape if first == 0 else shapes[first - 1][0])
-        local = DecoupledModel([model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages],
-                               input_shape=in_shape)
+        # the replica groups: the grid's device mesh (replicas x stage groups), made by every rank
+        self.mesh, replica_group = replica_mesh(self.layout, dev) if replicas > 1 else (None, None)
+        self._replicas_group = replica_group
+        mods = [model.stages[j] for j in self.stages], [model.heads[j] for j in self.stages]
+        if sync_bn and replica_group is not None:
+            mods = sync_batchnorm(mods[0], replica_group), sync_batchnorm(mods[1], replica_group)
+        local = DecoupledModel(*mods, input_shape=in_shape)
         trainer_kwargs.setdefault("channels_last", False)  # the links send contiguous (NCHW) activations
         self.trainer = Trainer(local, optimizer=optimizer, mode="dgl", device=device, engine="sequential",
                                **trainer_kwargs)
@@ -138,10 +151,9 @@ class DistributedDGL:
         self.outbound = None if self.group == groups - 1 else Link(
             self.layout, me, me + 1, self.device, timeout, max_in_flight=max_in_flight, group=pg[me, me + 1],
             image=image if any(needs[self.stages[-1] + 1:]) else None)
-        self.averager = None
-        if replicas > 1:
-            pgs = [dist.new_group([self.layout.rank(r, g) for r in range(replicas)]) for g in range(groups)]
-            self.averager = GradientAverager(self.trainer.optimizers, pgs[self.group], timeout, self.name)
+        #: the DDP communication hooks' state (None with one replica row): ``calls`` counts the all-reduces
+        self.replication = None if replica_group is None else replicate(self.trainer.steps, replica_group,
+                                                                         self.device, ddp_options)
         self.buffer_options = dict(capacity=buffer_capacity, policy=policy, max_reuse=max_reuse)
         self.buffer: ReplayBuffer | None = None
         self.history: list[dict] = []
@@ -158,18 +170,24 @@ class DistributedDGL:
 
     # ------------------------------------------------------------------ training
 
-    def _share(self, x, y):
-        """This replica row's share of a batch (all of it with one replica) and the batch size."""
-        B, R = y.shape[0], self.layout.replicas
-        if R == 1:
-            return x, y, B
-        return x.tensor_split(R)[self.replica], y.tensor_split(R)[self.replica], B
+    def shard(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+              **loader_kwargs):
+        """A ``DataLoader`` of this replica row's shard of ``dataset`` for :meth:`fit` on a feeding
+        rank: a ``DistributedSampler`` over the replica rows (its order each epoch from ``seed``
+        and the epoch), ``batch_size`` the whole step's batch (divisible by the replicas), each row
+        loading its ``batch_size / R`` (:mod:`.sharding`)."""
+        return shard_loader(dataset, batch_size, self.replica, self.layout.replicas, shuffle, seed, drop_last,
+                            **loader_kwargs)
 
     def _train_local(self, h, y, total, acc, image=None):
-        if self.averager is not None:
-            self.averager.weight = y.shape[0] / total
+        if self.replication is not None:
+            self.replication.weight = y.shape[0] / total
         for i, step in enumerate(self.trainer.steps):
-            h, loss, correct = step.step(h, y, image) if step.needs_image else step.step(h, y)
+            try:
+                h, loss, correct = step.step(h, y, image) if step.needs_image else step.step(h, y)
+            except dist.DistError as exc:  # DDP's all-reduce of the replicas' gradients, in the backward
+                raise PeerError(f"{self.name}: averaging gradients with the replicas failed: "
+                                f"{describe_failure(exc)}") from None
             acc[0][i] += loss.double() * y.shape[0]
             acc[1][i] += correct
             acc[2][i] += y.shape[0]
@@ -184,12 +202,12 @@ class DistributedDGL:
 
                 loader = tqdm(loader, desc=f"epoch {self.epoch + 1} ({self.layout.world} ranks)", leave=False,
                               dynamic_ncols=True)
-            for x, y in loader:
-                x, y = self.trainer.prepare_batch(x, y)
-                if y.shape[0] // self.layout.replicas < self._need:  # every row sees B: all skip it alike
+            for x, y in loader:  # this row's batches (its shard)
+                sizes = row_sizes(len(y), self._replicas_group, self.device, self.name)
+                if min(sizes) < self._need:  # every row sees every row's size: all skip it alike
                     continue  # (a last batch that would leave a row fewer samples than BatchNorm needs)
-                x, y, total = self._share(x, y)
-                yield x, y, total, x
+                x, y = self.trainer.prepare_batch(x, y)
+                yield x, y, sum(sizes), x  # the image: the row's own input batch
             return
         while (msg := self.inbound.recv()) is not None:
             yield msg
@@ -235,8 +253,7 @@ class DistributedDGL:
         n = len(self.stages)
         acc = (torch.zeros(n, dtype=torch.float64, device=self.device),
                torch.zeros(n, dtype=torch.long, device=self.device), [0] * n)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.epoch)
+        set_epoch(loader, self.epoch)
         start = time.perf_counter()
         inputs = self._inputs(loader, progress) if self.feeds or self.mode == "dgl" else self._async_inputs([False])
         for h, y, total, image in inputs:
@@ -274,7 +291,8 @@ class DistributedDGL:
     def fit(self, loader: Iterable | None, epochs: int, lr_schedule: Callable[[int], float] | None = None,
             callback: Callable[[dict], None] | None = None, checkpoint_dir: str | None = None,
             progress: bool = False) -> list[dict]:
-        """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only), after
+        """Train for ``epochs`` epochs from :attr:`epoch` (``loader`` on feeding ranks only: this
+        replica row's batches, e.g. :meth:`shard`'s or a TensorLoader's ``share_of``), after
         every rank agreed on ``epochs``, the learning-rate factors and the batches per epoch. A
         loader batch size that leaves a replica row fewer samples than it needs (2 with BatchNorm)
         is refused before the first step, a last batch that would is skipped by every row; a
@@ -284,15 +302,17 @@ class DistributedDGL:
         factors = [float(lr_schedule(e)) if lr_schedule else 1.0 for e in range(epochs)]
         if self.feeds and self.layout.replicas > 1 and not hasattr(loader, "__len__"):
             raise ValueError(f"{self.name}: with replicas every replica row must run as many batches: pass a loader "
-                             "with a length (len(loader)), the same batches on every row")
+                             "with a length (len(loader)), as many batches on every row")
         batches = len(loader) if self.feeds and hasattr(loader, "__len__") else None
         agree({"epochs": epochs, "learning-rate factors": factors, "batches per epoch": batches}, "fit argument",
               group=self._ctl)
         size = getattr(loader, "batch_size", None) if self.feeds else None
-        problems = [p for p in self._gather(check_batch_size(size, self.layout.replicas, self._need), "the batch sizes")
-                    if p]
+        rows, problem = loader_rows(loader, self.replica, self.layout.replicas, self.name) if self.feeds else (1, None)
+        if problem is None and (problem := check_batch_size(size, rows, self._need)):
+            problem += "; pass a larger batch size or fewer replicas"
+        problems = [p for p in self._gather(problem, "the batch sizes") if p]
         if problems:  # every rank refuses before the first step
-            raise ValueError(f"{problems[0]}; pass a larger batch size or fewer replicas")
+            raise ValueError(problems[0])
         check_lr_plan(self.trainer.lr_factors, factors, self.epoch)
         self.trainer.lr_factors = factors
         records = []
@@ -310,7 +330,7 @@ class DistributedDGL:
     @torch.no_grad()
     def evaluate(self, loader: Iterable | None) -> list[float]:
         """Accuracy of every stage's head on ``loader`` (given on every feeding rank; each replica
-        row evaluates its share of each batch), the pipeline run forward in eval mode; every rank
+        row evaluates its loader's batches: its shard), the pipeline run forward in eval mode; every rank
         returns the list (rank 0 prints it)."""
         self.trainer.model.eval()
         n = len(self.stages)
@@ -318,13 +338,11 @@ class DistributedDGL:
         if self.feeds:
             if loader is None:
                 raise ValueError(f"{self.name} feeds stage 1 and must pass the evaluation loader")
-            inputs = ((*s, s[0]) for s in (self._share(*self.trainer.prepare_batch(x, y, training=False))
-                                           for x, y in loader))
+            inputs = ((*s, 0, s[0]) for s in (self.trainer.prepare_batch(x, y, training=False)
+                                               for x, y in loader if len(y)))
         else:
             inputs = iter(self.inbound.recv, None)
-        for h, y, _, image in inputs:
-            if y.shape[0] == 0:  # a batch smaller than the replicas: this row's share is empty
-                continue
+        for h, y, _, image in inputs:  # (a row's empty share of a batch smaller than the replicas is not sent)
             for i, (stage, head) in enumerate(zip(self.trainer.model.stages, self.trainer.model.heads)):
                 h = stage(h)
                 hits[i] += int((head(h).argmax(1) == y).sum())
@@ -354,40 +372,41 @@ class DistributedDGL:
         return {k: v for part in self._gather(mine, "the model") for k, v in part.items()}
 
     def save(self, directory: str) -> None:
-        """Every rank writes its stages' trainer state (checksummed, atomic) into ``directory``;
-        rank 0 then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`)."""
+        """Checkpoint this epoch into ``directory``. Sync mode: one set through
+        ``torch.distributed.checkpoint`` that any grid of the model loads (:mod:`.resharding`).
+        Async mode: every rank writes its stages' trainer state (checksummed, atomic); rank 0
+        then writes ``manifest.json`` naming each file's SHA-256 (:mod:`.files`; same grid only)."""
         self.trainer.epoch, self.trainer.history = self.epoch, self.history
+        if self.mode == "dgl":  # one set any grid can load (:mod:`.resharding`)
+            return resharding.save_set(self, directory, self._gather, self._ctl)
         digest, error = None, None
         try:
             digest = files.save_rank(self.trainer, directory, self.rank, self.epoch)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
             error = f"{self.name}: {type(exc).__name__}: {exc}"
         results = self._gather((digest, error), "the checkpoint digests")
-        self._raise_first([e for _, e in results if e], f"saving the checkpoint set in {directory}")
+        resharding.raise_first([e for _, e in results if e], f"saving the checkpoint set in {directory}")
         if self.rank == 0:
             try:
                 files.write_manifest(directory, self.layout, self.epoch, [d for d, _ in results], self.mode)
             except Exception as exc:  # noqa: BLE001
                 error = f"{self.name}: writing the manifest: {type(exc).__name__}: {exc}"
-        self._raise_first([e for e in self._gather(error, "the manifest") if e], f"saving in {directory}")
+        resharding.raise_first([e for e in self._gather(error, "the manifest") if e], f"saving in {directory}")
         files.remove_others(directory, self.rank, self.epoch)
 
-    def _raise_first(self, errors: list[str], what: str) -> None:
-        if errors:
-            more = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
-            raise checkpoint.CheckpointError(f"{what} failed: {errors[0]}{more}")
-
     def load(self, directory: str) -> None:
-        """Resume from :meth:`save`'s files: every rank checks the manifest (world, placement,
-        replicas) and its own file's digest; if any rank finds a problem all raise, naming it,
-        before any state changes."""
+        """Resume from :meth:`save`'s set (a sync set: saved on any grid; an async one: this grid):
+        every rank checks the manifest and the digests; if any rank finds a problem all raise,
+        naming it, before any state changes."""
         problem, state = None, None
+        if resharding.is_dcp(directory):
+            state = resharding.load_set(self, directory, self._gather, self._ctl)
         try:
-            state = files.load_rank(directory, self.layout, self.rank, self.mode)
+            state = state or files.load_rank(directory, self.layout, self.rank, self.mode)
             self.trainer.check_state(state)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait for a stall
             problem = f"{self.name}: {exc}"
-        self._raise_first([p for p in self._gather(problem, "the checkpoint checks") if p],
+        resharding.raise_first([p for p in self._gather(problem, "the checkpoint checks") if p],
                           f"resuming from {directory}")
         self.trainer.load_state_dict(state)
         self.epoch, self.history = self.trainer.epoch, list(self.trainer.history)
