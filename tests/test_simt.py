@@ -31,6 +31,23 @@ H100_SMS = 132
 ASAN = os.environ.get("DGL_FAST_SIMT_ASAN") == "1"
 
 
+STATS = ("launches", "blocks", "threads", "block_barriers", "warp_exchanges", "atomics", "block_switches")
+
+
+class Simt:
+    """torch.ops.dgl_fast_simt (registered with torch/library.h: pybind11's header alone doubled
+    the ASan build) with its counters by name."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def stats(self) -> dict:
+        return dict(zip(STATS, self.ops.stats(), strict=True))
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+
 @pytest.fixture(scope="module")
 def simt():
     from torch.utils.cpp_extension import load
@@ -43,9 +60,10 @@ def simt():
     build = ROOT / "build" / name
     build.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
-    mod = load(name=name, sources=[str(ROOT / "tests" / "simt" / "simt_ops.cpp")],
-               extra_include_paths=[str(ROOT / "csrc")], extra_cflags=cflags, extra_ldflags=ldflags,
-               build_directory=str(build), verbose=False)
+    load(name=name, sources=[str(ROOT / "tests" / "simt" / "simt_ops.cpp")], extra_include_paths=[str(ROOT / "csrc")],
+         extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build), is_python_module=False,
+         verbose=False)
+    mod = Simt(torch.ops.dgl_fast_simt)
     mod.configure(0, H100_SMS)
     yield mod
     mod.configure(0, H100_SMS)

@@ -2,9 +2,12 @@
 // <op>_kernels.cuh it includes), instantiated with the SIMT emulator of simt.h instead of CUDA
 // launches, on CPU tensors. Built on demand by tests/test_simt.py
 // (torch.utils.cpp_extension.load); each function mirrors the CUDA registration of the same op.
-#include <torch/extension.h>
+// Registered as torch.ops.dgl_fast_simt.* (torch/library.h, not pybind11's torch/extension.h:
+// with AddressSanitizer that header alone took 80 s of the build's 80).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
-#include <map>
+#include <vector>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -51,15 +54,10 @@ void configure(int64_t seed, int64_t multiprocessors, int64_t resident) {
   g_multiprocessors = static_cast<int>(multiprocessors);
 }
 
-std::map<std::string, int64_t> stats() {
+// In the order of tests/test_simt.py's STATS names.
+std::vector<int64_t> stats() {
   const simt::Stats& s = simt::g_stats;
-  return {{"launches", s.launches},
-          {"blocks", s.blocks},
-          {"threads", s.threads},
-          {"block_barriers", s.block_barriers},
-          {"warp_exchanges", s.warp_exchanges},
-          {"atomics", s.atomics},
-          {"block_switches", s.block_switches}};
+  return {s.launches, s.blocks, s.threads, s.block_barriers, s.warp_exchanges, s.atomics, s.block_switches};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_xent(const at::Tensor& logits, const at::Tensor& labels) {
@@ -172,7 +170,7 @@ __global__ void early_commit_kernel(int64_t* state, int64_t* seen) {
   if (blockIdx.x == 0 && threadIdx.x == 0) state[0] += 1;
 }
 
-void misuse(const std::string& which, at::Tensor out) {
+void misuse(c10::string_view which, at::Tensor out) {
   check_cpu(out, "misuse");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kLong, "simt.misuse: expected a contiguous int64 tensor");
   if (which == "skipped_barrier") {
@@ -202,18 +200,27 @@ void misuse(const std::string& which, at::Tensor out) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dgl_fast's CUDA kernels run by a CPU SIMT emulator (tests only)";
-  m.def("configure", &configure, py::arg("seed"), py::arg("multiprocessors"), py::arg("resident") = 1);
-  m.def("stats", &stats);
-  m.def("softmax_xent", &softmax_xent);
-  m.def("aux_pool", &aux_pool);
-  m.def("aux_pool_bwd", &aux_pool_bwd);
-  m.def("linear_bn_relu", &linear_bn_relu);
-  m.def("linear_bn_relu_bwd", &linear_bn_relu_bwd);
-  m.def("bn_update_stats", &bn_update_stats);
-  m.def("replay_push", &replay_push);
-  m.def("replay_sample", &replay_sample);
-  m.def("bn_launch_shape", &bn_launch_shape);
-  m.def("misuse", &misuse);
+TORCH_LIBRARY(dgl_fast_simt, m) {
+  m.def("configure(int seed, int multiprocessors, int resident=1) -> ()", &configure);
+  m.def("stats() -> int[]", &stats);
+  m.def("softmax_xent(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor)", &softmax_xent);
+  m.def("aux_pool(Tensor x, int out_h, int out_w, bool channels_last_out) -> Tensor", &aux_pool);
+  m.def("aux_pool_bwd(Tensor g, int in_h, int in_w, bool channels_last_in) -> Tensor", &aux_pool_bwd);
+  m.def("linear_bn_relu(Tensor x, Tensor w, Tensor? bias, Tensor gamma, Tensor beta, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+        &linear_bn_relu);
+  m.def("linear_bn_relu_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor z, Tensor mean, Tensor var, Tensor gamma, "
+        "Tensor beta, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &linear_bn_relu_bwd);
+  m.def("bn_update_stats(Tensor(a!)[] rms, Tensor(b!)[] rvs, Tensor(c!)[] nbt, Tensor[] means, Tensor[] vars, "
+        "int[] counts, float[] momentums) -> ()",
+        &bn_update_stats);
+  m.def("replay_push(Tensor(a!) storage, Tensor(b!) label_store, Tensor(c!) state, Tensor(d!) uses, "
+        "Tensor(e!) stamps, Tensor x, Tensor y) -> ()",
+        &replay_push);
+  m.def("replay_sample(Tensor(a!) state, Tensor(b!) uses, Tensor stamps, Tensor storage, Tensor label_store, "
+        "Tensor(c!) out, Tensor(d!) out_labels, Tensor(e!) info, int policy, int max_reuse, int seed) -> ()",
+        &replay_sample);
+  m.def("bn_launch_shape(int N, int M, int sms) -> (int, int, int)", &bn_launch_shape);
+  m.def("misuse(str which, Tensor(a!) out) -> ()", &misuse);
 }
