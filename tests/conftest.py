@@ -1,4 +1,5 @@
 import pytest
+import simt_background
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -18,6 +19,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # test_simt.py's builds and its AddressSanitizer run start now, beside the other files
+    simt_background.start_for([item.nodeid for item in session.items])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    simt_background.stop_all()
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

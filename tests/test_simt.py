@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import simt_background
 import torch
 import torch.nn.functional as F
 
@@ -50,19 +51,7 @@ class Simt:
 
 @pytest.fixture(scope="module")
 def simt():
-    from torch.utils.cpp_extension import load
-
-    name = "dgl_fast_simt_asan" if ASAN else "dgl_fast_simt"
-    cflags, ldflags = ["-O2", "-Wno-unknown-pragmas"], []
-    if ASAN:
-        cflags = ["-O1", "-g1", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wno-unknown-pragmas"]
-        ldflags = ["-fsanitize=address"]
-    build = ROOT / "build" / name
-    build.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MAX_JOBS", "2")
-    load(name=name, sources=[str(ROOT / "tests" / "simt" / "simt_ops.cpp")], extra_include_paths=[str(ROOT / "csrc")],
-         extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build), is_python_module=False,
-         verbose=False)
+    simt_background.build(ASAN)  # started in the background at collection (conftest.py): found built
     mod = Simt(torch.ops.dgl_fast_simt)
     mod.configure(0, H100_SMS)
     yield mod
@@ -597,14 +586,6 @@ def test_async_training_through_the_cuda_code(simt):
 # --- memory bounds --------------------------------------------------------------------------------
 
 
-def _gcc_runtime(name):
-    try:
-        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
 @pytest.mark.skipif(os.environ.get("DGL_FAST_SIMT_OOB") != "1", reason="run by test_kernels_under_address_sanitizer")
 def test_out_of_bounds_probe(simt):
     simt.misuse("out_of_bounds", torch.empty(5, dtype=torch.long))  # AddressSanitizer must abort here
@@ -615,22 +596,20 @@ def test_kernels_under_address_sanitizer():
     """Every op test above again, with the emulated kernels built with -fsanitize=address and the
     sanitizer's allocator preloaded (so torch's tensors get red zones): a kernel that reads or
     writes outside its tensors fails here, as it would under compute-sanitizer on a GPU."""
-    libs = [_gcc_runtime("libasan.so"), _gcc_runtime("libstdc++.so.6")]
-    if None in libs:
+    cmd = simt_background.asan_command()
+    if cmd is None:
         pytest.skip("gcc's AddressSanitizer runtime (libasan) is not installed")
-    # libstdc++ is preloaded too, or ASan cannot intercept the exceptions the emulator throws.
-    env = dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0", DGL_FAST_SIMT_ASAN="1")
-    # The whole-trainer runs are left out under the sanitizer: they call the same kernels the op
-    # tests above already cover at every launch configuration, and cost a minute of CI.
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                          "-k", "not training_through_the_cuda_code"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0 and "ERROR: AddressSanitizer" not in out, out[-6000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    # started at collection beside the other test files (conftest.py); here when it was not
+    done = simt_background.result("simt-asan", timeout=1500)
+    if done is None:
+        run = subprocess.run(cmd[0], env=cmd[1], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+        done = run.returncode, run.stdout + run.stderr
+    rc, out = done
+    assert rc == 0 and "ERROR: AddressSanitizer" not in out, out[-6000:]
+    assert " passed" in out and " failed" not in out
     # ... and the sanitizer is live: a kernel writing one element past a tensor is caught.
     probe = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k",
-                            "out_of_bounds_probe"], env=dict(env, DGL_FAST_SIMT_OOB="1"), cwd=ROOT,
+                            "out_of_bounds_probe"], env=dict(cmd[1], DGL_FAST_SIMT_OOB="1"), cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert probe.returncode != 0 and "heap-buffer-overflow" in probe.stderr, (probe.stdout + probe.stderr)[-3000:]
     assert "one_past_the_end_kernel" in probe.stderr
