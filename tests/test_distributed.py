@@ -309,6 +309,39 @@ def test_async_ranks_finish_their_epoch_while_the_last_stage_is_held(tmp_path):
     assert all(0 <= a <= 1 for r in result["records"] for a in r["train_acc"] if a is not None)
 
 
+def _roll_call_worker(rank, world, out, absent, done):
+    from dgl_fast.distributed.agreement import roll_call  # noqa: PLC0415
+    from dgl_fast.distributed.protocol import PeerError  # noqa: PLC0415
+
+    layout, got, answers = Layout((0, 1, 2), 1), [], dist.new_group(backend="gloo")
+    roll_call(layout, rank, None, answers, 30, f"rank {rank}: gathering the first")  # everyone present: no error
+    if rank == absent:  # stalls: never checks in, until the others have answered
+        done.wait(120)
+        return
+    try:
+        roll_call(layout, rank, None, answers, 2, f"rank {rank}: gathering the second")
+    except PeerError as exc:
+        got.append(str(exc))
+    with open(os.path.join(out, f"roll{rank}"), "w") as f:
+        f.write(got[0] if got else "no error")
+    if len(os.listdir(out)) == world - 1:
+        done.set()
+
+
+@pytest.mark.parametrize("absent", [1, 0])
+def test_a_roll_call_names_the_rank_that_does_not_answer_on_every_rank(tmp_path, absent):
+    """Before a collective of every rank (the epoch's metrics, the checkpoint digests), each rank
+    checks in with rank 0: a stalled rank is named by every other rank (a failed collective could
+    only say that it failed), rank 0 included."""
+    done = mp.get_context("spawn").Event()
+    _spawn(_roll_call_worker, 3, str(tmp_path), absent, done)
+    name = {0: "rank 0 (stage 1)", 1: "rank 1 (stage 2)"}[absent]
+    for rank in {0, 1, 2} - {absent}:
+        text = (tmp_path / f"roll{rank}").read_text()
+        assert text.startswith(f"rank {rank}: gathering the second failed: {name} did not answer: "), text
+        assert "no answer within the timeout" in text or "did not check in with rank 0" in text, text
+
+
 # ---------------------------------------------------------------------- checkpoints
 
 def _resume_worker(rank, world, out):

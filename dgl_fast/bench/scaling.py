@@ -10,17 +10,27 @@ stage times where they do not, against end-to-end backprop with data parallelism
 2. **Protocol overhead** (CPU, gloo): the model split over ``--world`` processes
    (:class:`dgl_fast.distributed.DistributedDGL`, one thread each) against the pipeline time
    the same processes' stage times predict (fill and drain included).
-3. **Several GPUs** (where ``torch.cuda.device_count() >= 2``): ``Trainer(devices=[...])`` on
+3. **Replicas** (CPU, gloo): one stage group x ``--replica-world`` replicas (each process trains
+   the whole model on its share of every batch): the collectives a step starts (all-reduces of
+   gradients, all-gathers of the rows' batch sizes), the gradient bytes they carry and the time a
+   step takes. The replicas are averaged by DDP (bucketed all-reduces from its reducer, through
+   :func:`dgl_fast.distributed.replicas.weighted_allreduce`); the hand-made averaging DDP replaced
+   (one all-reduce per parameter, commit 865936d) was measured once on the same machine with the
+   same section (``--replicas-only``) and is shown beside it from
+   ``benchmarks/results/scaling_replicas_handmade-<device>.json`` where that file exists.
+4. **Several GPUs** (where ``torch.cuda.device_count() >= 2``): ``Trainer(devices=[...])`` on
    k = 1..N GPUs against backprop with DDP (NCCL) on the same GPUs; otherwise reported as not
    measured.
 
     python -m dgl_fast bench scaling --device cuda           # writes benchmarks/results/scaling-<device>.*
     python -m dgl_fast bench scaling --quick                 # a small net (smoke run, CI)
+    python -m dgl_fast bench scaling --replicas-only         # section 3 alone: scaling_replicas-<device>.*
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import sys
@@ -138,6 +148,88 @@ def gloo_overhead(name, quick, B, world, batches, tmp) -> dict:
     return torch.load(out)
 
 
+# ---------------------------------------------------------------------- replicas
+
+def _replica_worker(rank, world, port, name, quick, B, steps, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    counts = {"all_reduce": 0, "all_gather": 0, "bytes": 0}
+    real = {"all_reduce": dist.all_reduce, "all_gather": dist.all_gather}
+
+    def counting(kind):
+        def call(*args, **kw):
+            counts[kind] += 1
+            if kind == "all_reduce":
+                counts["bytes"] += args[0].numel() * args[0].element_size()
+            return real[kind](*args, **kw)
+        return call
+
+    try:
+        model = build(name, quick)
+        ddgl = dgl_fast.distributed.DistributedDGL(model, optimizer=sgd, placement=[0] * model.num_stages,
+                                                   replicas=world, timeout=300)
+        data = [batch_of(model, B, "cpu", seed=i) for i in range(steps)]
+        ddgl.fit(data[:2], epochs=1)  # warm-up epoch (DDP's first steps build its buckets)
+        dist.barrier()
+        dist.all_reduce, dist.all_gather = counting("all_reduce"), counting("all_gather")
+        start = time.perf_counter()
+        ddgl.fit(data, epochs=2)  # epochs counts from the start: one more epoch
+        wall = time.perf_counter() - start
+        dist.all_reduce, dist.all_gather = real["all_reduce"], real["all_gather"]
+        if rank == 0:
+            params = sum(q.numel() for s in model.stages for q in s.parameters()) + sum(
+                q.numel() for h in model.heads for q in h.parameters())
+            torch.save({"world": world, "batch": B, "steps": steps, "parameters": params,
+                        "tensors": sum(1 for s in (*model.stages, *model.heads) for _ in s.parameters()),
+                        "all_reduce_per_step": counts["all_reduce"] / steps,
+                        "all_gather_per_step": counts["all_gather"] / steps,
+                        "mib_per_step": counts["bytes"] / steps / 2**20, "ms_per_step": 1e3 * wall / steps}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def replica_traffic(name, quick, B, world, steps, tmp) -> dict:
+    """Section 3, measured in ``world`` gloo processes (rank 0's counts; every replica starts the same)."""
+    out = os.path.join(tmp, f"replicas-{world}.pt")
+    mp.spawn(_replica_worker, args=(world, _free_port(), name, quick, B, steps, out), nprocs=world, join=True)
+    return torch.load(out)
+
+
+def handmade_baseline(out_dir: str, device, config: str, B: int, world: int) -> dict | None:
+    """The hand-made averaging's figures measured with the same section at commit 865936d, where
+    ``scaling_replicas_handmade-<device>.json`` exists for the same model, batch and replica count."""
+    path = os.path.join(out_dir, f"scaling_replicas_handmade-{device.type}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    rep = saved.get("replicas", {})
+    if saved.get("config") != config or rep.get("batch") != B or rep.get("world") != world:
+        return None
+    return {**rep, "header": saved["header"], "file": os.path.basename(path)}
+
+
+def replica_lines(r) -> list[str]:
+    rep, base = r["replicas"], r.get("replicas_baseline")
+    lines = ["## Replicas on gloo (measured)", "",
+             f"{rep['world']} processes, one stage group x {rep['world']} replicas, batch {rep['batch']} "
+             f"(each replica {rep['batch'] // rep['world']} samples), {rep['steps']} steps; the model has "
+             f"{rep['parameters']} parameters in {rep['tensors']} tensors. Collectives counted on rank 0 "
+             "(``dist.all_reduce`` / ``dist.all_gather`` calls).", ""]
+    rows = [["DDP (bucketed, this run)", rep]]
+    if base:
+        h = base["header"]
+        rows.append([f"hand-made, one all-reduce per parameter (commit 865936d; {base['file']}, "
+                     f"{h.get('date', '?')}, {h.get('device', '?')})", base])
+    lines += md_table(["averaging", "all-reduces / step", "all-gathers / step", "gradient MiB / step", "ms / step"],
+                      [[n, f"{x['all_reduce_per_step']:.1f}", f"{x['all_gather_per_step']:.1f}",
+                        f"{x['mib_per_step']:.2f}", f"{x['ms_per_step']:.1f}"] for n, x in rows])
+    if not base:
+        lines += ["", "The hand-made averaging's figures for this configuration were not found beside the results."]
+    return lines + [""]
+
+
 # ---------------------------------------------------------------------- several GPUs
 
 def _ddp_worker(rank, world, port, name, B, steps, out):
@@ -201,7 +293,8 @@ def markdown(header, r) -> str:
                        "one process (predicted from the same stage times)"],
                       [[g["world"], g["placement"], f"{g['ips']:.1f}", f"{g['predicted_ips']:.1f}",
                         f"{g['ips'] / g['predicted_ips']:.2f}", f"{g['single_ips']:.1f}"] for g in r["gloo"]])
-    lines += ["", "## Several GPUs (measured)", ""]
+    lines += [""] + (replica_lines(r) if r.get("replicas") else [])
+    lines += ["## Several GPUs (measured)", ""]
     if r["multi_gpu"]:
         lines += md_table(["GPUs", "DGL img/s", "backprop+DDP img/s", "DGL / DDP"],
                           [[m["k"], f"{m['dgl_ips']:.1f}", f"{m['ddp_ips']:.1f}", f"{m['dgl_ips'] / m['ddp_ips']:.2f}"]
@@ -224,6 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--gloo-batches", type=int, default=12)
     p.add_argument("--link-gbs", default="25,450", help="link bandwidths (GB/s) of the predictions: e.g. a 200 Gb/s "
                    "network, NVLink 4 per direction")
+    p.add_argument("--replica-world", type=int, default=2, help="processes of the replicas section (section 3)")
+    p.add_argument("--replicas-only", action="store_true", help="section 3 alone, to scaling_replicas-<device>.*")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -233,10 +328,23 @@ def main(argv=None) -> int:
     if args.block_size != 3 and not args.model.startswith("vgg"):
         p.error("--block-size applies to VGG models")
     spec = f"{args.model}@{args.block_size}" if args.model.startswith("vgg") else args.model
+    if args.replica_world < 2:
+        p.error(f"--replica-world must be 2 or more, got {args.replica_world}")
+    config = "aux-study (quick, K=4)" if args.quick else f"{spec}, K={build(spec, True).num_stages}"
+    rep_batch = 4 * args.replica_world if args.quick else (args.batch or 32)
+    if args.replicas_only:
+        import tempfile  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory() as tmp:
+            r = {"config": config, "replicas": replica_traffic(spec, args.quick, rep_batch, args.replica_world,
+                                                                steps, tmp)}
+        header = env_header(device, command_line(p, argv))
+        md = "\n".join(md_header(header, f"Replicas on gloo: {config}", "") + replica_lines(r))
+        return publish(args, "scaling_replicas", device, {"header": header, **r}, md)
     model = build(spec, args.quick)
     prof = balance(model, batch_of(model, B, "cpu"), 1, optimizer=sgd, device=device, repeats=3 if args.quick else 7)
     param_bytes = sum(q.numel() * q.element_size() for s in model.stages for q in s.parameters())
-    r = {"config": ("aux-study (quick, K=4)" if args.quick else f"{spec}, K={model.num_stages}"), "batch": B,
+    r = {"config": config, "batch": B,
          "link_gbs": link, "stage_times_s": prof.stage_times_s, "handoff_bytes": prof.handoff_bytes,
          "dgl_ips": trainer_throughput(build(spec, args.quick), "dgl", device, B, steps),
          "bp_ips": trainer_throughput(build(spec, args.quick), "backprop", device, B, steps)}
@@ -248,6 +356,9 @@ def main(argv=None) -> int:
         worlds = [int(w) for w in args.world.split(",") if int(w) <= min(model.num_stages, os.cpu_count() or 1)]
         gb = 3 if args.quick else args.gloo_batches
         r["gloo"] = [gloo_overhead(spec, args.quick, B if device.type == "cpu" else 32, w, gb, tmp) for w in worlds]
+        r["replicas"] = replica_traffic(spec, args.quick, rep_batch, args.replica_world, steps, tmp)
+        r["replicas_baseline"] = handmade_baseline(args.out_dir, torch.device("cpu"), config, rep_batch,
+                                                   args.replica_world)
         r["multi_gpu"] = multi_gpu(spec, B, steps, tmp) if torch.cuda.device_count() >= 2 else []
     header = env_header(device, command_line(p, argv))
     name = "scaling" if args.block_size == 3 else f"scaling_{args.model}_b{args.block_size}"

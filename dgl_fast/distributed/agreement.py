@@ -10,15 +10,17 @@ the ranks that hold each value.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .protocol import PeerError, describe_failure
+from .protocol import Layout, PeerError, describe_failure
 
-__all__ = ["ConfigMismatch", "agree", "model_fingerprint", "tensor_digest"]
+__all__ = ["ConfigMismatch", "agree", "model_fingerprint", "roll_call", "tensor_digest"]
 
 
 class ConfigMismatch(ValueError):
@@ -75,3 +77,50 @@ def agree(fields: dict, what: str = "configuration", group=None) -> None:
     if diffs:
         raise ConfigMismatch(f"the {world} ranks were launched with different {what}s and refuse to start: "
                              f"they differ in {'; and in '.join(diffs)}")
+
+
+def roll_call(layout: Layout, rank: int, marks, answers, timeout: float, doing: str) -> None:
+    """Every rank checks in with rank 0, which answers each with the ranks that did not: run before
+    a collective of every rank, so that a rank that stalled or died is named on every rank (a
+    collective that fails says only that it failed, not who stopped answering). ``marks`` and
+    ``answers`` are two process groups of every rank (gloo: a timeout closes every connection of
+    its group, so the answers travel in another). Raises :class:`PeerError` ``"<doing> failed:
+    <rank> did not answer: <why>"``; a rank 0 that does not answer is named by the others within
+    twice ``timeout``."""
+    def fail(missing: list[tuple[int, str]]):
+        named = "; ".join(f"{layout.describe(r)} did not answer: {why}" for r, why in missing)
+        return PeerError(f"{doing} failed: {named}")
+
+    world = layout.world
+    if world == 1:
+        return
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        got = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        works = [(r, dist.irecv(got[r], src=r, group=marks)) for r in range(1, world)]
+        missing = []
+        for r, work in works:  # posted together: each waits out what is left of the timeout, and at
+            try:               # least a second (gloo completes a receive only in a round trip with its sender)
+                work.wait(datetime.timedelta(seconds=max(min(1.0, timeout), deadline - time.monotonic())))
+            except RuntimeError as exc:
+                missing.append((r, describe_failure(exc)))
+        verdict = torch.zeros(world, dtype=torch.int64)
+        for r, _ in missing:
+            verdict[r] = 1
+        for r in range(1, world):
+            if not verdict[r]:
+                try:
+                    dist.isend(verdict, dst=r, group=answers).wait(datetime.timedelta(seconds=timeout))
+                except RuntimeError as exc:
+                    missing.append((r, describe_failure(exc)))
+        if missing:
+            raise fail(sorted(missing))
+        return
+    verdict = torch.zeros(world, dtype=torch.int64)
+    try:
+        dist.isend(torch.ones(1, dtype=torch.int64), dst=0, group=marks).wait(datetime.timedelta(seconds=timeout))
+        dist.irecv(verdict, src=0, group=answers).wait(datetime.timedelta(seconds=2 * timeout))
+    except RuntimeError as exc:
+        raise fail([(0, describe_failure(exc))]) from None
+    if verdict.any():
+        raise fail([(r, "it did not check in with rank 0 within the timeout") for r in verdict.nonzero().flatten().tolist()])

@@ -43,7 +43,7 @@ from ..fitting import TrainingDiverged, check_lr_plan
 from ..model import DecoupledModel
 from ..trainer import Trainer
 from . import files, resharding
-from .agreement import agree, model_fingerprint
+from .agreement import agree, model_fingerprint, roll_call
 from .grid import check_batch_size, choose_placement, even_placement, min_share
 from .protocol import END, Layout, Link, PeerError, Receiver, describe_failure, make_link_groups
 from .replicas import check_options, replica_mesh, replicate, sync_batchnorm
@@ -103,6 +103,7 @@ class DistributedDGL:
         # The runner's own collectives (agreement, placement, metrics, checkpoints) run on a gloo
         # group with this timeout, whatever the default group's: they fail with PeerError in time.
         self._ctl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=float(timeout)))
+        self._marks = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=float(timeout)))  # roll calls
         if not isinstance(replicas, int) or replicas < 1 or world % replicas:
             raise ValueError(f"replicas must divide the world size {world}, got {replicas!r}")
         if mode == "async" and replicas > 1:
@@ -281,6 +282,7 @@ class DistributedDGL:
         return record
 
     def _gather(self, obj, what: str) -> list:
+        roll_call(self.layout, self.rank, self._marks, self._ctl, self.timeout, f"{self.name}: gathering {what}")
         parts = [None] * self.layout.world
         try:
             dist.all_gather_object(parts, obj, group=self._ctl)
