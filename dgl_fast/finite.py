@@ -18,7 +18,15 @@ Non-tensor state (Python numbers) is not restored. The step's output still leave
 stage's loss is then not finite and that stage skips too); in async mode such an output pushed
 into a replay buffer makes every step that samples it skip until it is overwritten.
 
-Cost: a copy of those tensors per step (memory: one stage's parameters and optimizer state, for
+On the CPU, where reading a flag synchronises nothing, :meth:`StepGuard.step` takes the host
+branch (``StepGuard.host_branch``): the flag is computed in an optimizer step pre-hook registered
+for that step after every other (so it reads the gradients the step would use) and, where set,
+the step is not run at all; nothing is copied but the modules' buffers. A finite step is the
+optimizer's own either way, and a skipped one leaves the same values (state that its first step
+would create is simply not created). It cost a doubling of a VGG-13 step on one CPU thread to copy
+and select back 70 M parameter and momentum values (1368 ms against 871 ms without the guard).
+
+Cost on devices: a copy of those tensors per step (memory: one stage's parameters and optimizer state, for
 the time of its step) and one ``where`` per tensor. An optimizer that keeps state tensors on
 another device (Adam's step count on the host when the parameters are on a GPU, unless
 ``capturable=True``) costs a host read of the flag for those tensors.
@@ -60,6 +68,10 @@ class StepGuard:
     place of the optimizer's step: it returns the device flag ``bad`` and leaves the parameters,
     optimizer state and module buffers as they were before :meth:`begin` where ``bad`` is set."""
 
+    #: where every tensor of a step is on the CPU: read the flag on the host and skip the step
+    #: instead of copying and selecting back (False: the device branch everywhere, as on CUDA)
+    host_branch = True
+
     def __init__(self, modules: list[torch.nn.Module]):
         self.modules = list(modules)
 
@@ -69,11 +81,15 @@ class StepGuard:
         return bufs, _copy(bufs)
 
     @torch.no_grad()
-    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, run, begun: tuple[list, list]) -> torch.Tensor:
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, run, begun: tuple[list, list],
+             host: bool = False) -> torch.Tensor:
         """Run ``run()`` (``opt``'s step, or a scaler's or :class:`GraphSGD`'s step of ``opt``)
         after the backward of ``loss``; undo it, and the forward's buffer updates, on the device
-        where the loss or a gradient is not finite. Returns the 0-dim bool flag (True: skipped)."""
+        where the loss or a gradient is not finite. Returns the 0-dim bool flag (True: skipped).
+        ``host``: ``run`` is ``opt.step`` itself, which the host branch may then skip."""
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if host and self.host_branch and isinstance(opt, torch.optim.Optimizer) and loss.device.type == "cpu" and all(p.device.type == "cpu" for p in params):
+            return self._host_step(opt, loss, run, begun, params)
         keys = [(p, k) for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
         old = _copy(params + [opt.state[p][k] for p, k in keys])
         run()
@@ -90,3 +106,31 @@ class StepGuard:
         for new, prev in zip(params + [opt.state[p][k] for p, k in keys] + bufs, old + old_bufs):
             torch.where(_on(bad, new), prev, new, out=new)
         return bad
+
+    def _host_step(self, opt, loss, run, begun, params) -> torch.Tensor:
+        """The CPU's branch: the flag from a pre-hook that runs after every other pre-hook of the
+        step; where it is set the hook stops the step before it changes anything."""
+        flag = []
+
+        def check(_opt, args, kwargs):
+            flag.append(nonfinite(loss, [p.grad for p in params]))
+            if flag[0].item():
+                raise _Skipped
+
+        handle = opt.register_step_pre_hook(check)
+        try:
+            run()
+        except _Skipped:
+            bufs, old_bufs = begun
+            for new, prev in zip(bufs, old_bufs):
+                new.copy_(prev)
+        finally:
+            handle.remove()
+        if not flag:  # never silent: a step that bypassed its pre-hooks could not be guarded
+            raise RuntimeError(f"{type(opt).__name__}.step ran without its step pre-hooks: the step guard could not "
+                               "check it (StepGuard.host_branch = False guards it on the device)")
+        return flag[0]
+
+
+class _Skipped(Exception):
+    """Raised by the host branch's pre-hook: the step does not run."""

@@ -72,7 +72,7 @@ class _Precision:
             self.scaler.update()
         else:
             loss.backward()
-            self.skipped = self.guard.step(opt, loss, opt.step, begun)
+            self.skipped = self.guard.step(opt, loss, opt.step, begun, host=True)
         opt.zero_grad(set_to_none=True)
         return self.skipped
 

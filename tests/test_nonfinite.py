@@ -95,7 +95,10 @@ def _poisoned(x, value):
 
 @pytest.mark.parametrize("name,value", [(n, math.nan) for n in CONFIGS]
                          + [(n, math.inf) for n in ("dgl", "backprop", "pipeline-graphs", "async-streams-graphs")])
-def test_a_poisoned_batch_is_skipped_and_training_goes_on_as_without_it(name, value):
+@pytest.mark.parametrize("host_branch", [True, False], ids=["host-branch", "device-branch"])
+def test_a_poisoned_batch_is_skipped_and_training_goes_on_as_without_it(name, value, host_branch, monkeypatch):
+    # the CPU's host branch (the default here) and the device branch CUDA takes, each on every schedule
+    monkeypatch.setattr(StepGuard, "host_branch", host_branch)
     model = _model(seed=1)
     a, b = _trainer(model, name), _trainer(model, name)
     clean = batches(9, B=B, seed=2)
@@ -149,6 +152,8 @@ _SYNCS = ("item", "tolist", "__bool__", "__float__")
 
 @pytest.mark.parametrize("name", [*CONFIGS, *RANDOM])
 def test_the_guard_adds_no_host_sync(name, monkeypatch):
+    # the device branch (CUDA's): on the CPU the guard reads its flag on the host, which syncs nothing there
+    monkeypatch.setattr(StepGuard, "host_branch", False)
     tr = _trainer(_model(seed=7), name)
     clean = batches(6, B=B, seed=8)
     armed = [False]
@@ -201,7 +206,9 @@ def _nesterov(params):
 
 @pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("optimizer", [_adam, _nesterov, sgd])
-def test_any_optimizer_is_protected_even_at_its_first_step(optimizer, first):
+@pytest.mark.parametrize("host_branch", [True, False], ids=["host-branch", "device-branch"])
+def test_any_optimizer_is_protected_even_at_its_first_step(optimizer, first, host_branch, monkeypatch):
+    monkeypatch.setattr(StepGuard, "host_branch", host_branch)
     model = _model(seed=10)
     a, b = _trainer(model, "dgl", optimizer), _trainer(model, "dgl", optimizer)
     clean = batches(4, B=B, seed=11)
@@ -238,7 +245,9 @@ def test_nonfinite_flag_and_guard_directly():
     assert torch.count_nonzero(opt.state[lin.weight]["momentum_buffer"]) == 0  # made by the skipped step: zero
 
 
-def test_the_flag_reads_the_gradients_the_step_used():
+@pytest.mark.parametrize("host_branch", [True, False], ids=["host-branch", "device-branch"])
+def test_the_flag_reads_the_gradients_the_step_used(host_branch, monkeypatch):
+    monkeypatch.setattr(StepGuard, "host_branch", host_branch)
     # the distributed runner averages replicas' gradients in a step pre-hook: another replica's NaN
     # arriving there must skip this replica's step too, although its own loss and gradients were finite
     tr = _trainer(_model(seed=16), "dgl")
@@ -316,3 +325,32 @@ def _close(got, want):
     same_nan = [math.isnan(a) == math.isnan(b) for a, b in zip(got[0], want[0])]
     close = [math.isnan(a) or math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got[0], want[0])]
     return all(same_nan) and all(close) and list(got[1]) == list(want[1]) and list(got[2]) == list(want[2])
+
+
+def test_the_host_branch_copies_no_parameter_and_never_runs_a_skipped_step(monkeypatch):
+    """On the CPU the guard neither copies parameters nor optimizer state (the cost that doubled a
+    VGG step), and a skipped step never runs: a skipped first step creates no optimizer state; an
+    optimizer whose step bypasses its pre-hooks is refused rather than left unguarded."""
+    lin = nn.Linear(5, 3).double()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard([lin])
+    clones = []
+    orig = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or orig(t, *a, **k))
+    x = torch.randn(7, 5, dtype=torch.float64)
+    lin(x).sum().backward()
+    lin.weight.grad[1, 2] = math.nan
+    w = lin.weight.detach().numpy().copy()
+    bad = guard.step(opt, torch.tensor(1.0), opt.step, guard.begin(), host=True)
+    assert bool(bad) and (lin.weight.detach().numpy() == w).all() and not opt.state  # nothing ran
+    assert clones == [], clones
+    lin.weight.grad[1, 2] = 0.5
+    assert not bool(guard.step(opt, torch.tensor(1.0), opt.step, guard.begin(), host=True))
+    assert "momentum_buffer" in opt.state[lin.weight] and not (lin.weight.detach().numpy() == w).all()
+
+    class Bypass(torch.optim.SGD):
+        pass
+    bypass = Bypass(lin.parameters(), lr=0.1)
+    monkeypatch.setattr(Bypass, "step", lambda self, closure=None: None)  # replaced after torch wrapped it
+    with pytest.raises(RuntimeError, match="ran without its step pre-hooks"):
+        guard.step(bypass, torch.tensor(1.0), bypass.step, guard.begin(), host=True)

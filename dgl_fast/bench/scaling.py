@@ -135,7 +135,8 @@ def _gloo_worker(rank, world, port, name, quick, B, batches, out):
         if rank == 0:
             groups = group_times(stage_times, placement)
             predicted = (batches - 1) * max(groups) + sum(groups)
-            torch.save({"world": world, "placement": placement, "wall_s": wall, "predicted_s": predicted,
+            torch.save({"averaging": "DDP, bucketed" if ddp else "hand-made, one all-reduce per parameter",
+                        "world": world, "placement": placement, "wall_s": wall, "predicted_s": predicted,
                         "ips": batches * B / wall, "predicted_ips": batches * B / predicted,
                         "single_ips": B / sum(stage_times)}, out)
     finally:
@@ -178,9 +179,13 @@ def _replica_worker(rank, world, port, name, quick, B, steps, out):
         wall = time.perf_counter() - start
         dist.all_reduce, dist.all_gather = real["all_reduce"], real["all_gather"]
         if rank == 0:
+            import dgl_fast.distributed.replicas as replicas  # noqa: PLC0415
+
+            ddp = hasattr(replicas, "weighted_allreduce")  # the library this section runs against
             params = sum(q.numel() for s in model.stages for q in s.parameters()) + sum(
                 q.numel() for h in model.heads for q in h.parameters())
-            torch.save({"world": world, "batch": B, "steps": steps, "parameters": params,
+            torch.save({"averaging": "DDP, bucketed" if ddp else "hand-made, one all-reduce per parameter",
+                        "world": world, "batch": B, "steps": steps, "parameters": params,
                         "tensors": sum(1 for s in (*model.stages, *model.heads) for _ in s.parameters()),
                         "all_reduce_per_step": counts["all_reduce"] / steps,
                         "all_gather_per_step": counts["all_gather"] / steps,
@@ -217,15 +222,14 @@ def replica_lines(r) -> list[str]:
              f"(each replica {rep['batch'] // rep['world']} samples), {rep['steps']} steps; the model has "
              f"{rep['parameters']} parameters in {rep['tensors']} tensors. Collectives counted on rank 0 "
              "(``dist.all_reduce`` / ``dist.all_gather`` calls).", ""]
-    rows = [["DDP (bucketed, this run)", rep]]
+    rows = [[f"{rep['averaging']} (this run)", rep]]
     if base:
         h = base["header"]
-        rows.append([f"hand-made, one all-reduce per parameter (commit 865936d; {base['file']}, "
-                     f"{h.get('date', '?')}, {h.get('device', '?')})", base])
+        rows.append([f"{base['averaging']} (commit 865936d; {base['file']}, {h.get('date', '?')})", base])
     lines += md_table(["averaging", "all-reduces / step", "all-gathers / step", "gradient MiB / step", "ms / step"],
                       [[n, f"{x['all_reduce_per_step']:.1f}", f"{x['all_gather_per_step']:.1f}",
                         f"{x['mib_per_step']:.2f}", f"{x['ms_per_step']:.1f}"] for n, x in rows])
-    if not base:
+    if not base and "replicas_baseline" in r:
         lines += ["", "The hand-made averaging's figures for this configuration were not found beside the results."]
     return lines + [""]
 
@@ -339,8 +343,12 @@ def main(argv=None) -> int:
             r = {"config": config, "replicas": replica_traffic(spec, args.quick, rep_batch, args.replica_world,
                                                                 steps, tmp)}
         header = env_header(device, command_line(p, argv))
-        md = "\n".join(md_header(header, f"Replicas on gloo: {config}", "") + replica_lines(r))
-        return publish(args, "scaling_replicas", device, {"header": header, **r}, md)
+        handmade = r["replicas"]["averaging"].startswith("hand-made")  # run against commit 865936d
+        note = ("Run with this section's code against the library of commit 865936d (before DDP replaced its "
+                "averaging), as the baseline of `bench scaling`'s replicas table." if handmade else "")
+        md = "\n".join(md_header(header, f"Replicas on gloo: {config}", note) + replica_lines(r))
+        return publish(args, "scaling_replicas_handmade" if handmade else "scaling_replicas", device,
+                       {"header": header, **r}, md)
     model = build(spec, args.quick)
     prof = balance(model, batch_of(model, B, "cpu"), 1, optimizer=sgd, device=device, repeats=3 if args.quick else 7)
     param_bytes = sum(q.numel() * q.element_size() for s in model.stages for q in s.parameters())
