@@ -88,7 +88,8 @@ class StepGuard:
         where the loss or a gradient is not finite. Returns the 0-dim bool flag (True: skipped).
         ``host``: ``run`` is ``opt.step`` itself, which the host branch may then skip."""
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if host and self.host_branch and isinstance(opt, torch.optim.Optimizer) and loss.device.type == "cpu" and all(p.device.type == "cpu" for p in params):
+        on_cpu = loss.device.type == "cpu" and all(p.device.type == "cpu" for p in params)
+        if host and self.host_branch and isinstance(opt, torch.optim.Optimizer) and on_cpu:
             return self._host_step(opt, loss, run, begun, params)
         keys = [(p, k) for p in params for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)]
         old = _copy(params + [opt.state[p][k] for p, k in keys])

@@ -135,8 +135,7 @@ def _gloo_worker(rank, world, port, name, quick, B, batches, out):
         if rank == 0:
             groups = group_times(stage_times, placement)
             predicted = (batches - 1) * max(groups) + sum(groups)
-            torch.save({"averaging": "DDP, bucketed" if ddp else "hand-made, one all-reduce per parameter",
-                        "world": world, "placement": placement, "wall_s": wall, "predicted_s": predicted,
+            torch.save({"world": world, "placement": placement, "wall_s": wall, "predicted_s": predicted,
                         "ips": batches * B / wall, "predicted_ips": batches * B / predicted,
                         "single_ips": B / sum(stage_times)}, out)
     finally:
