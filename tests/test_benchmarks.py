@@ -6,6 +6,8 @@ import json
 import os
 import pkgutil
 
+import pytest
+
 from dgl_fast import bench, cli
 from dgl_fast.bench.common import md_table
 
@@ -73,6 +75,20 @@ def test_bench_scaling_quick(capsys):
     out = capsys.readouterr().out
     assert "## Stage profile (measured)" in out and "| 2 | [0, 0, 1, 1] |" in out
     assert "## gloo processes on the CPU" in out and "Not measured: this machine has" in out
+    assert "## Replicas on gloo (measured)" in out and "| DDP, bucketed (this run) |" in out
+
+
+def test_bench_scaling_replicas_counts_buckets_not_tensors(tmp_path, capsys):
+    """The replicas section counts what DDP sends: per step one all-reduce per bucket (the quick
+    net's 4 stages, one bucket each, against its 68 parameter tensors), every gradient byte once,
+    and one all-gather of the rows' batch sizes."""
+    assert cli.main(["bench", "scaling", "--quick", "--replicas-only", "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "scaling_replicas-cpu.json").read_text())
+    rep = saved["replicas"]
+    assert rep["averaging"] == "DDP, bucketed" and rep["world"] == 2 and rep["tensors"] == 68, rep
+    assert rep["all_reduce_per_step"] == 4 and rep["all_gather_per_step"] == 1, rep
+    assert rep["mib_per_step"] * 2**20 == pytest.approx(4 * rep["parameters"], rel=1e-12), rep
+    assert saved["header"]["command"].endswith("--quick --replicas-only --out-dir " + str(tmp_path))
 
 
 def test_bench_unknown(capsys):

@@ -165,11 +165,17 @@ def _replica_worker(rank, world, port, name, quick, B, steps, out):
             return real[kind](*args, **kw)
         return call
 
+    import dgl_fast.distributed.replicas as replicas  # noqa: PLC0415
+
+    ddp = sharded = hasattr(replicas, "weighted_allreduce")  # the library this section runs against
     try:
         model = build(name, quick)
         ddgl = dgl_fast.distributed.DistributedDGL(model, optimizer=sgd, placement=[0] * model.num_stages,
                                                    replicas=world, timeout=300)
         data = [batch_of(model, B, "cpu", seed=i) for i in range(steps)]
+        if sharded:  # this library's rows load their own share (the hand-made one kept 1/R of every batch)
+            share = B // world
+            data = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in data]
         ddgl.fit(data[:2], epochs=1)  # warm-up epoch (DDP's first steps build its buckets)
         dist.barrier()
         dist.all_reduce, dist.all_gather = counting("all_reduce"), counting("all_gather")
@@ -178,9 +184,6 @@ def _replica_worker(rank, world, port, name, quick, B, steps, out):
         wall = time.perf_counter() - start
         dist.all_reduce, dist.all_gather = real["all_reduce"], real["all_gather"]
         if rank == 0:
-            import dgl_fast.distributed.replicas as replicas  # noqa: PLC0415
-
-            ddp = hasattr(replicas, "weighted_allreduce")  # the library this section runs against
             params = sum(q.numel() for s in model.stages for q in s.parameters()) + sum(
                 q.numel() for h in model.heads for q in h.parameters())
             torch.save({"averaging": "DDP, bucketed" if ddp else "hand-made, one all-reduce per parameter",

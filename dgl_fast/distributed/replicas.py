@@ -104,7 +104,7 @@ def replicate(steps, group, device: torch.device, options: dict | None = None) -
     ``forward_module`` becomes the DDP of its stage and head, with :func:`weighted_allreduce`.
     ``options``: more of DDP's arguments (:data:`DDP_OPTIONS`, checked by :func:`check_options`).
     Returns the hooks' shared state."""
-    options = dict(options or {})
+    options = {"gradient_as_bucket_view": True, **(options or {})}  # the gradients are views of the buckets: no copies
     state = ReplicaState(group)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     for step in steps:
