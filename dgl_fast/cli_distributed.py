@@ -15,7 +15,9 @@ import copy
 import datetime
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -63,6 +65,8 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     from .distributed import DistributedDGL  # noqa: PLC0415
 
     check_distributed_args(args)
+    who = [f"rank {os.environ.get('RANK', 0)}"]  # this rank's name, once its stages are known
+    _exit_4_on_torchrun_stop(who)  # before any thread starts (they inherit the blocked signal)
     restarted = _restart(args)  # before the agreement: --resume may change
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device.startswith("cuda")
@@ -97,6 +101,7 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
                               mode=args.mode, sync_bn=args.sync_bn,
                               timeout=args.timeout, buffer_capacity=args.buffer_capacity, policy=args.policy,
                               max_reuse=args.max_reuse, fingerprint=fields)
+        who[0] = ddgl.name
         if rank == 0 and ddgl.balance is not None:
             print(f"balanced placement: {ddgl.balance}", file=sys.stderr)
         print(f"{ddgl.name} on {device}", file=sys.stderr)
@@ -246,3 +251,23 @@ def _saved_placement(args) -> list[int] | str:
     except (OSError, CheckpointError, ValueError) as exc:
         raise ValueError(f"argument --resume: {exc}") from None
     return list(manifest["placement"])
+
+
+def _exit_4_on_torchrun_stop(who: list[str]) -> None:
+    """Under torchrun: when a rank fails, its agent stops the others with SIGTERM, which Python would
+    only see after the C++ wait it is in (then torchrun's SIGKILL, 30 s later). SIGTERM is blocked
+    in every thread and a watcher thread takes it: one line naming this rank (``who[0]``) and the
+    cause, and exit status 4, as for a peer lost within ``--timeout``. The last complete checkpoint
+    set stays as it is (a set is written all or nothing)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch():
+        signal.sigwait({signal.SIGTERM})
+        sys.stderr.write(f"error: {who[0]}: stopped by torchrun (SIGTERM): another rank of this attempt failed; "
+                         "torchrun restarts the run from the last checkpoint while --max-restarts allows\n")
+        sys.stderr.flush()
+        os._exit(4)
+
+    threading.Thread(target=watch, name="dgl_fast-torchrun-stop", daemon=True).start()

@@ -3,6 +3,7 @@ different arguments, a rank stopped (SIGSTOP) or killed mid-run, a resumed run."
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -218,6 +219,64 @@ def test_a_rank_killed_under_max_restarts_resumes_and_finishes_as_uninterrupted(
     assert ea == eb == 3 and a.keys() == b.keys()
     for k in a:  # sync mode: the restarted run's final parameters are the uninterrupted run's, bitwise
         assert torch_equal(a[k], b[k]), k
+
+
+def test_a_rank_killed_under_max_restarts_0_stops_every_rank_with_exit_4(tmp_path):
+    """No restart left: torchrun stops the other ranks (SIGTERM); each says so in one line naming
+    itself and exits 4, as for a peer lost within --timeout, and torchrun fails the run."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--max-restarts", "0",
+           "--master-port", str(free_port()), "--log-dir", str(logs), "--redirects", "2", "-m", "dgl_fast", "train",
+           "--distributed", *SMALL, "--epochs", "500", "--timeout", "60", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=make_env(), cwd=ROOT)
+    try:
+        metrics, end = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < end:
+            time.sleep(0.05)
+        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # well before --timeout: torchrun's stop, not the ranks' own wait
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, err[-3000:]
+    for rank in (0, 2):
+        (log,) = logs.glob(f"*/attempt_0/{rank}/stderr.log")
+        line = log.read_text().strip().splitlines()[-1]
+        # whichever comes first: torchrun's stop, or the rank's own finding that rank 1's connection closed
+        assert line.startswith(f"error: rank {rank} (stage {rank + 1}): "), line
+        assert ("stopped by torchrun (SIGTERM): another rank of this attempt failed" in line
+                or ("rank 1 (stage 2)" in line and "the connection closed" in line)), line
+    for rank in (0, 2):  # torchrun's failure summary: each survivor's exit status
+        assert re.search(rf"rank\s*:\s*{rank} \(local_rank: {rank}\)\s*exitcode\s*:\s*4\b", err), err[-3000:]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*-9\b", err), err[-3000:]
+
+
+def test_torchruns_stop_of_a_rank_is_one_line_and_exit_4(tmp_path):
+    """The stop itself, without a race against the rank's own finding: torchrun's SIGTERM to a rank
+    busy training (a one-rank run) is taken by the rank's watcher thread at once, even inside a
+    C++ wait: one line naming the rank, exit 4 (not the default SIGTERM death, nor torchrun's
+    SIGKILL 30 s later)."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           "--log-dir", str(logs), "--redirects", "2", "-m", "dgl_fast", "train", "--distributed", *SMALL,
+           "--epochs", "500", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=make_env(), cwd=ROOT)
+    try:
+        metrics, end = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < end:
+            time.sleep(0.05)
+        os.kill(_workers(proc.pid)[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=25)  # before torchrun would SIGKILL it (30 s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (log,) = logs.glob("*/attempt_0/0/stderr.log")
+    line = log.read_text().strip().splitlines()[-1]
+    assert line == ("error: rank 0 (stages 1-3): stopped by torchrun (SIGTERM): another rank of this attempt failed; "
+                    "torchrun restarts the run from the last checkpoint while --max-restarts allows"), line
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*exitcode\s*:\s*4\b", err), err[-3000:]
 
 
 def torch_equal(x, y) -> bool:
