@@ -67,7 +67,6 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     check_distributed_args(args)
     who = [f"rank {os.environ.get('RANK', 0)}"]  # this rank's name, once its stages are known
     _exit_4_on_torchrun_stop(who)  # before any thread starts (they inherit the blocked signal)
-    restarted = _restart(args)  # before the agreement: --resume may change
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = args.device.startswith("cuda")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -75,7 +74,9 @@ def train_distributed(args, load_data, build_model, lr_schedule) -> int:
     backstop = datetime.timedelta(seconds=1.5 * args.timeout + 30)
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=backstop, **_attempt_store(restarted, backstop),
+    attempt, join = _attempt(backstop)
+    restarted = _restart(args, attempt)  # before the agreement: --resume may change
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=backstop, **join,
                             **({"device_id": device} if use_cuda else {}))
     try:
         rank = dist.get_rank()
@@ -173,12 +174,12 @@ def _start(args, device, load_data, build_model):
     return result
 
 
-def _restart(args) -> tuple[str, dict] | None:
-    """Under ``torchrun --max-restarts N``, an attempt after the first (``TORCHELASTIC_RESTART_COUNT``
-    > 0) resumes from the last complete checkpoint in ``--out`` (else from ``--resume``, else from
-    the start); returns the line to log and the ``metrics.jsonl`` record (None: a first attempt)."""
-    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if count < 1:
+def _restart(args, attempt: int) -> tuple[str, dict] | None:
+    """Under torchrun, an attempt after the first (``attempt`` > 1: its agents re-formed the group,
+    after a failed rank under ``--max-restarts N`` or when a node re-joined) resumes from the last
+    complete checkpoint in ``--out`` (else from ``--resume``, else from the start); returns the line
+    to log and the ``metrics.jsonl`` record (None: a first attempt)."""
+    if attempt < 2:
         return None
     from .distributed import files  # noqa: PLC0415
 
@@ -192,25 +193,48 @@ def _restart(args) -> tuple[str, dict] | None:
               f"no complete checkpoint in --out: resuming from {args.resume}" if args.resume else
               "no complete checkpoint in --out: starting from the beginning")
     cause = "a rank of the previous attempt failed or stalled (torchrun's log names it)"
-    record = {"event": "restart", "restart": count, "cause": cause, "resumed_from_epoch": epoch or 0}
-    return f"restart {count} (torchrun --max-restarts): {cause}; {source}", record
+    failures = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    record = {"event": "restart", "restart": attempt - 1, "cause": cause, "resumed_from_epoch": epoch or 0,
+              "restarts_counted_by_torchrun": failures}
+    return f"restart {attempt - 1} (torchrun --max-restarts): {cause}; {source}", record
 
 
-def _attempt_store(restarted, timeout) -> dict:
-    """``init_process_group`` arguments of a restarted attempt: torchrun's agent store with this
-    attempt's prefix. (On torch 2.14 a restarted attempt that joins through ``env://`` reads the
-    failed attempt's addresses from the same store and every rank fails to connect; a plain
-    15-line gloo script under ``torchrun --max-restarts 1`` shows it.)"""
-    if restarted is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
+_GEN = "dgl_fast/attempt"
+
+
+def _attempt(timeout) -> tuple[int, dict]:
+    """This attempt's number (1, 2, ...; 1 outside torchrun) and the ``init_process_group``
+    arguments that join it.
+
+    torchrun's agents keep one store for every round of their rendezvous, and the ranks of a new
+    round that joined through ``env://`` would read the addresses of the previous round's ranks
+    and fail to connect (torch 2.14: a plain 15-line gloo script under ``torchrun --max-restarts 1``
+    shows it). A round is not always a counted restart either: when a node's agent re-joins (a cut
+    link, restored), the other nodes' agents restart their healthy ranks with the same
+    ``TORCHELASTIC_RESTART_COUNT``. So each round gets its own number from the store: rank 0 takes
+    the next one; every other rank waits for a number above the one its rank last joined, and joins
+    the newest."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return 1, {}
     import torch.distributed as dist  # noqa: PLC0415
 
-    world = int(os.environ["WORLD_SIZE"])
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
-    count = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    return {"store": dist.PrefixStore(f"dgl_fast/attempt-{count}", store), "rank": int(os.environ["RANK"]),
-            "world_size": world}
+    if rank == 0:
+        attempt = store.add(_GEN, 1)
+        store.set(f"{_GEN}/{attempt}", "open")
+    else:
+        seen = f"{_GEN}/rank-{rank}"
+        last = int(store.get(seen)) if store.check([seen]) else 0
+        try:
+            store.wait([f"{_GEN}/{last + 1}"], timeout)
+        except dist.DistStoreError as exc:
+            raise RuntimeError(f"rank {rank}: rank 0 did not open attempt {last + 1} within "
+                               f"{timeout.total_seconds():.0f} s") from exc
+        attempt = store.add(_GEN, 0)
+        store.set(seen, str(attempt))
+    return attempt, {"store": dist.PrefixStore(f"{_GEN}-{attempt}", store), "rank": rank, "world_size": world}
 
 
 def _log(out: str | None, record: dict) -> None:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import simt_background
 import torch
@@ -33,3 +36,17 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_2_ranks(tmp_path_factory):
+    """``(epoch, final tensors)`` of an uninterrupted torchrun run of 2 ranks, 3 epochs of SMALL:
+    what runs resumed or restarted with these arguments must end with, bitwise (sync mode)."""
+    from test_distributed_cli import ROOT, SMALL, final_tensors, free_port, make_env  # noqa: PLC0415
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "dgl_fast", "train", "--distributed", *SMALL, "--epochs", "3", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return final_tensors(out / "checkpoint")

@@ -56,7 +56,7 @@ def wait_all(procs, timeout=240):
     return out
 
 
-def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
+def test_torchrun_trains_checkpoints_and_resumes(tmp_path, uninterrupted_2_ranks):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "dgl_fast", "train", "--distributed", *SMALL, "--epochs", "2", "--out", str(tmp_path / "a")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
@@ -80,6 +80,10 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["epochs_done"] == 3 and resumed["this_run"] == 1
     assert resumed["train"][:2] == summary["train"][:2]
+    (e, got), (e_ref, ref) = final_tensors(tmp_path / "b" / "checkpoint"), uninterrupted_2_ranks
+    assert e == e_ref == 3 and got.keys() == ref.keys()
+    for k in ref:  # 2 epochs + 1 resumed: the uninterrupted 3 epochs' parameters, bitwise
+        assert torch_equal(got[k], ref[k]), k
 
 
 def _image_tree(root, seed):
@@ -180,7 +184,7 @@ def _workers(parent: int) -> dict:
     return found
 
 
-def _final_tensors(ckpt):
+def final_tensors(ckpt):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: PLC0415
 
     epoch = json.loads((ckpt / "manifest.json").read_text())["epoch"]
@@ -215,7 +219,7 @@ def test_a_rank_killed_under_max_restarts_resumes_and_finishes_as_uninterrupted(
     assert len(restarts) == 1 and restarts[0]["restart"] == 1 and restarts[0]["resumed_from_epoch"] in (1, 2), lines
     assert "restart 1 (torchrun --max-restarts): a rank of the previous attempt failed" in err
     assert [x["epoch"] for x in lines if "epoch" in x] == [1, 2, 3] or restarts[0]["resumed_from_epoch"] == 2
-    (ea, a), (eb, b) = _final_tensors(tmp_path / "a" / "checkpoint"), _final_tensors(tmp_path / "b" / "checkpoint")
+    (ea, a), (eb, b) = final_tensors(tmp_path / "a" / "checkpoint"), final_tensors(tmp_path / "b" / "checkpoint")
     assert ea == eb == 3 and a.keys() == b.keys()
     for k in a:  # sync mode: the restarted run's final parameters are the uninterrupted run's, bitwise
         assert torch_equal(a[k], b[k]), k
