@@ -194,15 +194,14 @@ def final_tensors(ckpt):
     return epoch, torch.load(ckpt.parent / "final.pt")
 
 
-def test_a_rank_killed_under_max_restarts_resumes_and_finishes_as_uninterrupted(tmp_path):
-    def cmd(out):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--max-restarts", "1",
-                "--master-port", str(free_port()), "-m", "dgl_fast", "train", "--distributed", *SMALL, "--epochs", "3",
-                "--timeout", "20", "--out", str(out)]
-    straight = subprocess.run(cmd(tmp_path / "a"), capture_output=True, text=True, timeout=300, env=make_env(), cwd=ROOT)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=make_env(), cwd=ROOT)
+def test_a_rank_killed_under_max_restarts_resumes_and_finishes_as_uninterrupted(tmp_path, uninterrupted_2_ranks):
+    """The uninterrupted run it is compared with has 2 ranks: in sync mode the grid's parameters do
+    not depend on how the stages are placed, so 3 ranks end bitwise where 2 do (measured once
+    by hand, and this test checks it each time)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--max-restarts", "1",
+           "--master-port", str(free_port()), "-m", "dgl_fast", "train", "--distributed", *SMALL, "--epochs", "3",
+           "--timeout", "20", "--out", str(tmp_path / "b")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=make_env(), cwd=ROOT)
     try:
         metrics, end = tmp_path / "b" / "metrics.jsonl", time.monotonic() + 240
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < end:
@@ -219,7 +218,7 @@ def test_a_rank_killed_under_max_restarts_resumes_and_finishes_as_uninterrupted(
     assert len(restarts) == 1 and restarts[0]["restart"] == 1 and restarts[0]["resumed_from_epoch"] in (1, 2), lines
     assert "restart 1 (torchrun --max-restarts): a rank of the previous attempt failed" in err
     assert [x["epoch"] for x in lines if "epoch" in x] == [1, 2, 3] or restarts[0]["resumed_from_epoch"] == 2
-    (ea, a), (eb, b) = final_tensors(tmp_path / "a" / "checkpoint"), final_tensors(tmp_path / "b" / "checkpoint")
+    (ea, a), (eb, b) = uninterrupted_2_ranks, final_tensors(tmp_path / "b" / "checkpoint")
     assert ea == eb == 3 and a.keys() == b.keys()
     for k in a:  # sync mode: the restarted run's final parameters are the uninterrupted run's, bitwise
         assert torch_equal(a[k], b[k]), k
