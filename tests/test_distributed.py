@@ -463,6 +463,38 @@ def test_tensor_loader_shares_concatenate_to_its_batches():
         shard_loader(torch.utils.data.TensorDataset(x, y), 9, 0, 2)
 
 
+def _sync_bn_worker(rank, world, out):
+    """Two replicas of one stage group on CUDA (one GPU shared over gloo, or a GPU each), BatchNorm
+    converted to SyncBatchNorm over the replica group: each row trains on its half of every batch."""
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    ddgl = DistributedDGL(small_model(2, dtype=torch.float64), optimizer=sgd, placement=[0, 0], replicas=2,
+                          device=device, sync_bn=True, timeout=60)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in ddgl.trainer.model.modules()) >= 2
+    x, y = batches(1, B=24, seed=5, dtype=torch.float64)[0]
+    ddgl.fit(TensorLoader(x, y, 8).share_of(ddgl.replica, 2), epochs=2, lr_schedule=lambda e: 0.5 ** e)
+    mine = {k: v.detach().cpu() for k, v in ddgl.trainer.model.state_dict().items()}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    if rank == 0:
+        torch.save(parts, os.path.join(out, "sync_bn.pt"))
+
+
+@pytest.mark.cuda
+def test_sync_bn_replicas_equal_the_whole_batch_with_batchnorm(tmp_path):
+    """With SyncBatchNorm the replicas' statistics are the whole batch's, so (unlike per-replica
+    BatchNorm) the grid equals the single-process trainer on the whole batch, BatchNorm and running
+    statistics included (float64; CUDA against CPU: rounding only)."""
+    _spawn(_sync_bn_worker, 2, str(tmp_path))
+    parts = torch.load(tmp_path / "sync_bn.pt")
+    x, y = batches(1, B=24, seed=5, dtype=torch.float64)[0]
+    ref = dgl_fast.Trainer(small_model(2, dtype=torch.float64), optimizer=sgd, engine="sequential", channels_last=False)
+    with one_thread():
+        ref.fit(TensorLoader(x, y, 8), epochs=2, lr_schedule=lambda e: 0.5 ** e, progress=False)
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(parts[0][k], v, rtol=1e-10, atol=1e-10, msg=k)
+        torch.testing.assert_close(parts[1][k], parts[0][k], rtol=0, atol=0, msg=k)  # replicas alike, bitwise
+
+
 def test_checks_in_a_one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
